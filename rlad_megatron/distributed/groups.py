@@ -1,0 +1,91 @@
+"""Process groups. The only module that reads megatron-core's global ``parallel_state``.
+
+Everything else receives a :class:`ParallelGroups` (or single groups) as arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    tp: dist.ProcessGroup
+    pp: dist.ProcessGroup
+    dp: dist.ProcessGroup
+    # The DP group including context parallel; what megatron's DDP and optimizer reduce over.
+    dp_cp: dist.ProcessGroup
+    mp: dist.ProcessGroup
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    # megatron-core models take this collection so they never fall back to global state.
+    collection: ProcessGroupCollection
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def pp_last_rank(self) -> int:
+        """Global rank of the last pipeline stage in this rank's pipeline."""
+        return dist.get_process_group_ranks(self.pp)[-1]
+
+    @property
+    def pp_first_rank(self) -> int:
+        return dist.get_process_group_ranks(self.pp)[0]
+
+
+def initialize_model_parallel(*, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                              seed: int) -> ParallelGroups:
+    """Build megatron's TP x PP x DP grid (world must already be initialised) and seed its RNGs."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    world = dist.get_world_size()
+    mp = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world % mp:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {tensor_model_parallel_size} x {pipeline_model_parallel_size}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return current_groups()
+
+
+def current_groups() -> ParallelGroups:
+    ps = parallel_state
+    return ParallelGroups(
+        tp=ps.get_tensor_model_parallel_group(),
+        pp=ps.get_pipeline_model_parallel_group(),
+        dp=ps.get_data_parallel_group(),
+        dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
+        mp=ps.get_model_parallel_group(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+
+
+def destroy_model_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
