@@ -256,7 +256,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         self.student.validate("student")
         self.teacher.validate("teacher")
         self.optimizer.validate("optimizer")

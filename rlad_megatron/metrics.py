@@ -1,0 +1,85 @@
+"""Step metrics: reduced over ranks with fixed keys, written to TensorBoard and a JSONL log on rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def mean_of_dicts(dicts: list[dict], keys: list[str]) -> dict[str, float]:
+    """Average each key over the micro-batch metric dicts that carry it (absent -> NaN)."""
+    out = {}
+    for key in keys:
+        vals = [float(d[key]) for d in dicts if key in d]
+        out[key] = sum(vals) / len(vals) if vals else math.nan
+    return out
+
+
+def reduce_last_stage_metrics(values: dict[str, float] | None, keys: list[str], *, is_last_stage: bool,
+                              device: torch.device) -> dict[str, float]:
+    """Mean over the ranks of the last pipeline stage, visible on every rank.
+
+    Metrics exist only where the loss ran (the last stage); other ranks contribute zeros and the
+    count of contributing ranks is reduced alongside, so keys must be the same on every rank.
+    """
+    buf = torch.zeros(2 * len(keys) + 1, dtype=torch.float64, device=device)
+    if is_last_stage and values is not None:
+        for i, key in enumerate(keys):
+            v = values.get(key, math.nan)
+            if not math.isnan(v):
+                buf[2 * i] = v
+                buf[2 * i + 1] = 1.0
+        buf[-1] = 1.0
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(buf)
+    return {key: (buf[2 * i] / buf[2 * i + 1]).item() if buf[2 * i + 1] > 0 else math.nan
+            for i, key in enumerate(keys)}
+
+
+def mean_over_ranks(values: dict[str, float], *, device: torch.device, group=None) -> dict[str, float]:
+    """Mean of per-rank scalars over ``group`` (e.g. rollout statistics over DP replicas)."""
+    keys = sorted(values)
+    buf = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(buf, group=group)
+        buf /= dist.get_world_size(group)
+    return dict(zip(keys, buf.tolist()))
+
+
+class MetricsWriter:
+    """TensorBoard + ``metrics.jsonl`` in the run directory; a no-op off rank 0."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        finite = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+        if self._tb is not None:
+            for key, value in finite.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        self._jsonl.write(json.dumps({"step": step, **finite}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

@@ -1,0 +1,64 @@
+"""Run a model stage over micro-batches through megatron-core's pipeline schedule.
+
+Legend: B micro-batch size, S sequence length, V/TP the local vocab shard.
+
+A micro-batch is a dict of tensors with at least ``tokens_BS``. The caller's ``loss_fn(logits_BSV,
+micro_batch)`` runs on the last pipeline stage and returns what megatron's schedule expects:
+``(loss, num_tokens: int tensor, metrics dict)``. ``forward_only`` runs serve teacher, reference
+and old-policy log-probs; the training step runs with gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def position_ids_like(tokens_BS: torch.Tensor) -> torch.Tensor:
+    """Right-padded sequences start at position 0, so positions are a plain arange."""
+    return torch.arange(tokens_BS.shape[1], device=tokens_BS.device).unsqueeze(0).expand_as(tokens_BS)
+
+
+def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool,
+                 device: torch.device) -> list[dict]:
+    """Forward (and backward unless ``forward_only``) over ``micro_batches``; returns the metric dicts
+    produced on the last stage (an empty list on other stages)."""
+    if not micro_batches:
+        return []
+    seq_length = micro_batches[0]["tokens_BS"].shape[1]
+    micro_batch_size = micro_batches[0]["tokens_BS"].shape[0]
+    for mb in micro_batches:
+        if tuple(mb["tokens_BS"].shape) != (micro_batch_size, seq_length):
+            raise ValueError(f"micro-batches must share one shape for the pipeline schedule: expected "
+                             f"{(micro_batch_size, seq_length)}, got {tuple(mb['tokens_BS'].shape)}")
+
+    def forward_step(data_iterator: Iterable[dict], stage: torch.nn.Module):
+        mb = next(data_iterator)
+        mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+        tokens = mb["tokens_BS"]
+        logits = stage(tokens, position_ids_like(tokens), None)
+        return logits, lambda out: loss_fn(out, mb)
+
+    with torch.no_grad() if forward_only else torch.enable_grad():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+
+
+def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
+    """Split a dict of [N, ...] tensors along dim 0 into micro-batches of ``micro_batch_size``."""
+    n = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+    if n % micro_batch_size:
+        raise ValueError(f"batch of {n} sequences is not divisible by micro_batch_size={micro_batch_size}")
+    return [{k: (v[i:i + micro_batch_size] if torch.is_tensor(v) else v) for k, v in batch.items()}
+            for i in range(0, n, micro_batch_size)]
