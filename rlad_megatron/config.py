@@ -241,7 +241,16 @@ class TrainConfig:
     seed: int = 1234
     # "auto" picks cuda+nccl when a GPU is visible, else cpu+gloo.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Consecutive steps with a non-finite loss or grad norm (skipped) before the run aborts.
     max_nonfinite_steps: int = 3
+    # Greedy accuracy of the student on data.eval_path every N steps (0: off) over eval_samples prompts.
+    eval_interval: int = 0
+    eval_samples: int = 64
+
+    def validate(self, name: str) -> None:
+        for key in ("steps", "max_nonfinite_steps", "eval_interval", "eval_samples"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{name}.{key}: expected >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -263,6 +272,7 @@ class Config:
         self.rl.validate("rl")
         self.distill.validate("distill")
         self.data.validate("data")
+        self.train.validate("train")
         if self.student.padded_vocab_size != self.teacher.padded_vocab_size:
             raise ConfigError(
                 "teacher.model.vocab_size: teacher and student must share the vocabulary; expected "

@@ -1,0 +1,1 @@
+"""RL pieces: verifiable rewards and GRPO advantages (rollout lives in rollout.py)."""
