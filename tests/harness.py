@@ -10,6 +10,7 @@ An exception in any rank is re-raised in the parent with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -36,7 +37,9 @@ def _worker(rank, world_size, port, fn, args, queue):
 
         init_distributed("cpu", timeout_minutes=5)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle (tensors by value): torch's queue pickler would pass tensors as shared
+        # memory that the parent can no longer open once this rank has exited.
+        queue.put((rank, "ok", pickle.dumps(result)))
         dist.barrier()
         from rlad_megatron.distributed import destroy_model_parallel
 
@@ -65,7 +68,7 @@ def run_distributed(fn, world_size: int, args: tuple = ()) -> list:
                 raise TimeoutError(f"ranks {alive} did not finish within {_TIMEOUT_S}s; "
                                    f"errors so far: {errors}") from None
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors[rank] = payload
                 break  # the other ranks are likely blocked in a collective now
