@@ -329,8 +329,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", "nan"):
-            value = float(value)
+        if isinstance(value, str):
+            # PyYAML reads 1e-5 (no dot) and inf as strings; accept any float literal.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -404,6 +408,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _yaml_error_line(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where it is."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Load ``path`` (YAML), apply ``--a.b=c`` overrides, build and validate the tree."""
     data: dict = {}
@@ -412,9 +423,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: expected UTF-8 YAML, got byte 0x{e.object[e.start]:02x} "
+                              f"at offset {e.start}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_error_line(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     data = _merge(data, parse_overrides(list(overrides or [])))

@@ -96,7 +96,10 @@ class CharTokenizer:
             raise ValueError(f"{path}: expected a JSON char tokenizer file, got unreadable content ({e})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("alphabet"), str):
             raise ValueError(f"{path}: expected a JSON object with a string 'alphabet', got {str(obj)[:60]!r}")
-        return cls(alphabet=obj["alphabet"])
+        try:
+            return cls(alphabet=obj["alphabet"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 class SentencePieceTokenizer:

@@ -80,5 +80,59 @@ def apply_cpu_compat() -> bool:
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     # Entered for the life of the process, the way torch.set_default_device installs its mode.
     CudaToCpuMode().__enter__()
+    _patch_dist_ckpt_writer()
     _applied = True
     return True
+
+
+# ---------------------------------------------------------------- dist_checkpointing writer
+# Patched: megatron.core.dist_checkpointing.strategies.filesystem_async
+#   ``_get_write_results_queue`` and ``FileSystemWriterAsync.write_preloaded_data_multiproc``
+# (reached by every ``dist_checkpointing.save`` with the torch_dist format, sync or async).
+# Unpatched, a sync save starts a ``multiprocessing`` Manager with the *spawn* method (which
+# re-imports ``__main__``: an unguarded script re-runs itself and hangs in its collectives) and
+# forks one writer process per bucket (impossible in a daemonic process such as a test rank,
+# and a fork of a process holding gloo threads). The writer calls psutil outside its try
+# block, so without psutil it dies and the parent waits on its JoinableQueue forever.
+# On CPU we write the same buckets with the same torch ``_write_item`` in this process.
+# Checked by tests/distributed/test_checkpointing_compat.py.
+
+
+def write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue) -> None:
+    """In-process stand-in for ``FileSystemWriterAsync.write_preloaded_data_multiproc``.
+
+    Same arguments and the same result protocol (one ``{bucket_idx: [WriteResult]}`` dict on
+    ``global_results_queue``); an exception propagates to the caller instead of hanging.
+    """
+    import inspect
+    import os
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import _write_item
+
+    if use_msc:
+        raise NotImplementedError("multi-storage-client checkpoints are not supported by the CPU writer")
+    extra = {}
+    if "serialization_format" in inspect.signature(_write_item).parameters:
+        from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+        extra["serialization_format"] = SerializationFormat.TORCH_SAVE
+    results = {}
+    for idx, (file_name, storage_key, (bytes_data, tensor_data)) in enumerate(write_buckets):
+        written = []
+        with open(file_name, "wb") as stream:
+            for item, data in [*bytes_data, *tensor_data]:
+                written.append(_write_item(*transform_list, stream, data, item, storage_key, **extra))
+            stream.flush()
+            os.fsync(stream.fileno())
+        results[idx] = written
+    global_results_queue.put(results)
+
+
+def _patch_dist_ckpt_writer() -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # retrieve_write_results() reads this queue with get_nowait() after the writer returns.
+    filesystem_async._get_write_results_queue = queue.Queue
+    filesystem_async.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_buckets_in_process)

@@ -84,13 +84,22 @@ def read_megatron_config(megatron_dir: str | Path) -> tuple[ModelConfig, dict]:
     path = megatron_dir / MEGATRON_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (is {megatron_dir} a converted megatron directory?)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid UTF-8 YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of ModelConfig keys, got {type(data).__name__}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ValueError(f"{path}: unknown ModelConfig keys {unknown}")
     cfg = ModelConfig(**data)
-    cfg.validate(str(path))
+    try:
+        cfg.validate(str(path))
+    except TypeError:  # e.g. num_layers: "two"
+        bad = next((k for k, v in data.items() if isinstance(v, str) and k != "params_dtype" and k != "load"), "?")
+        raise ValueError(f"{path}: {bad}: expected a number, got {data.get(bad)!r}") from None
     meta_path = megatron_dir / CONVERSION
     meta = io.read_json(meta_path) if meta_path.is_file() else {}
     return cfg, meta

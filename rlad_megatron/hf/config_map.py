@@ -12,6 +12,9 @@ from typing import Any, Optional
 from rlad_megatron.config import ModelConfig
 from rlad_megatron.hf.keymaps import ARCHITECTURES, Architecture
 
+_NUMERIC_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+                   "intermediate_size", "vocab_size", "max_position_embeddings", "rms_norm_eps", "head_dim",
+                   "rope_theta")
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -81,6 +84,12 @@ def model_config_from_hf(hf_config: dict, *, make_vocab_size_divisible_by: int =
         )
     except KeyError as e:
         raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # e.g. "hidden_size": "sixty-four"
+        if str(e).startswith(f"{source}:"):
+            raise
+        bad = [k for k, v in hf_config.items() if isinstance(v, (str, list, dict)) and k in _NUMERIC_FIELDS]
+        raise ValueError(f"{source}: {bad[0] if bad else 'model dimensions'}: expected a number, got "
+                         f"{hf_config.get(bad[0]) if bad else e!r}") from None
     cfg.validate(source)
     return cfg
 

@@ -1,0 +1,101 @@
+"""One RLAD step vs one GRPO step on the same rollout batch, side by side in one run.
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_step.py --config launch/configs/tiny_cpu.yaml \
+        --student.model.load=null --teacher.model.load=null
+
+Times, per repetition and interleaved: the teacher's forward (vocab-parallel log-probs of the
+sampled tokens), the student update with ``distill.objective=grpo``, and the student update with
+``rlad`` (which needs the teacher's log-probs). Target: rlad update - grpo update <= 5% of the grpo
+update, i.e. a whole RLAD step costs no more than a GRPO step + the teacher forward + 5%.
+Reports medians on rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    reps = 5
+    if "--reps" in argv:
+        i = argv.index("--reps")
+        reps = int(argv[i + 1])
+        del argv[i:i + 2]
+    from rlad_megatron.config import load_config
+    from rlad_megatron.distributed import init_distributed
+    from rlad_megatron.rl.advantages import grpo_advantages
+    from rlad_megatron.rl.experience import build_experience, frozen_logprobs
+    from rlad_megatron.rl.rewards import reward_batch
+    from rlad_megatron.rl.rollout import repeat_prompts
+    from rlad_megatron.rl.update import train_mini_batch
+    from rlad_megatron.trainer import Trainer
+
+    cfg_path = argv[argv.index("--config") + 1]
+    overrides = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
+    cfg = load_config(cfg_path, overrides + ["--logging.progress_bar=false", "--train.eval_interval=0",
+                                             "--logging.tensorboard=false", "--logging.run_dir=runs/bench_step"])
+    world = init_distributed(cfg.train.device)
+    trainer = Trainer(cfg, world)
+    g, rl = trainer.groups, cfg.rl
+    prompts, golds = trainer._prompts()
+    rollout = trainer._rollout(trainer.model.module, repeat_prompts(prompts, group_size=rl.group_size),
+                               temperature=rl.temperature, seed_offset=0)
+    rewards = reward_batch(completions=[trainer.tokenizer.decode(r) for r in rollout.responses()],
+                           golds=[gold for gold in golds for _ in range(rl.group_size)])
+    # Random rewards if the policy scores nothing: the update must carry a real gradient.
+    if len(set(rewards)) == 1:
+        rewards = torch.randint(0, 2, (len(rewards),), generator=torch.Generator().manual_seed(0)).float().tolist()
+    exp = build_experience(rollout, grpo_advantages(rewards_N=rewards, group_size=rl.group_size).advantages_N,
+                           pad_id=trainer.tokenizer.pad_id)
+    index = torch.arange(len(exp))[:rl.mini_batch_size // g.dp_size]
+    score = dict(micro_batch_size=rl.micro_batch_size, tp_group=g.tp, vocab_size=trainer.vocab_size,
+                 is_last_stage=g.is_last_stage, device=trainer.device)
+    objectives = {name: dataclasses.replace(cfg.distill, objective=name) for name in ("grpo", "rlad")}
+
+    def update(objective: str) -> None:
+        train_mini_batch(model=trainer.model, optimizer=trainer.optimizer, scheduler=None, exp=exp, index=index,
+                         micro_batch_size=rl.micro_batch_size, cfg=objectives[objective],
+                         clip_grad=cfg.optimizer.clip_grad, tp_group=g.tp, vocab_size=trainer.vocab_size,
+                         device=trainer.device)
+
+    def teacher() -> None:
+        exp.lp_t_NS, _ = frozen_logprobs(model=trainer.teacher, exp=exp, **score)
+
+    times: dict[str, list[float]] = {"teacher_forward": [], "grpo_update": [], "rlad_update": []}
+    teacher()
+    update("grpo")  # warm-up
+    for _ in range(reps):
+        for name, fn in (("teacher_forward", teacher), ("grpo_update", lambda: update("grpo")),
+                         ("rlad_update", lambda: update("rlad"))):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            fn()
+            torch.distributed.barrier()
+            times[name].append(time.perf_counter() - t0)
+    if world.rank == 0:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        grpo_step = med["grpo_update"]
+        rlad_step = med["teacher_forward"] + med["rlad_update"]
+        rows, width = exp.tokens_NS.shape
+        print(f"batch: {rows} rows x {width} tokens, mini-batch {len(index)} rows, TP={g.tp_size} PP={g.pp_size} "
+              f"DP={g.dp_size}, reps={reps}")
+        print("| phase | median s |\n|---|---|")
+        for k, v in med.items():
+            print(f"| {k} | {v:.4f} |")
+        print(f"| GRPO step (update) | {grpo_step:.4f} |")
+        print(f"| RLAD step (teacher forward + update) | {rlad_step:.4f} |")
+        overhead = med["rlad_update"] - med["grpo_update"]
+        print(f"RLAD update overhead over GRPO update: {overhead:+.4f} s ({100 * overhead / grpo_step:+.1f}% of the "
+              f"GRPO update); RLAD step / (GRPO step + teacher forward) = "
+              f"{rlad_step / (grpo_step + med['teacher_forward']):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
