@@ -9,7 +9,7 @@ PY=${PYTHON:-.venv/bin/python}
 CONFIG=${CONFIG:-launch/configs/tiny_cpu.yaml}
 SFT_DIR=${SFT_DIR:-runs/tiny/sft}
 TEACHER_STEPS=${TEACHER_STEPS:-1200}
-STUDENT_STEPS=${STUDENT_STEPS:-150}
+STUDENT_STEPS=${STUDENT_STEPS:-1000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 [ -f "$SFT_DIR/teacher/megatron_config.yaml" ] ||
   "$PY" tools/sft.py --config "$CONFIG" --model teacher --steps "$TEACHER_STEPS" --out "$SFT_DIR/teacher"

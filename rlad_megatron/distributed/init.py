@@ -73,6 +73,14 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> WorldIn
             if world > 1:
                 raise ValueError("MASTER_PORT is not set; launch with torchrun or launch/slurm.sbatch")
             os.environ["MASTER_PORT"] = str(_free_port())
+        store = None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+            # torchrun --max-restarts keeps the agent's store across attempts: a restarted gloo group
+            # would read the dead workers' addresses from it and hang; each attempt gets its own keys.
+            store = dist.PrefixStore(f"rlad/attempt_{restart}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                timeout=timedelta(minutes=timeout_minutes)))
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=timedelta(minutes=timeout_minutes))
+                                timeout=timedelta(minutes=timeout_minutes), store=store)
     return WorldInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)

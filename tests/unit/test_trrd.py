@@ -131,9 +131,18 @@ def test_open_gates_equal_ungated_loss():
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_gated_tokens_carry_exact_grpo_gradient(level):
     x = _inputs(spread=2.0)
+    # Both token sets must be non-empty whatever was drawn: sequence 0 imitates (A > 0, and tau
+    # admits at least one of its tokens), sequence 1 is gated out by its advantage (A < 0).
+    x["advantages"][0] = x["advantages"][0].abs() + 0.1
+    x["advantages"][1] = -x["advantages"][1].abs() - 0.1
     gap = (x["lp_s"].detach() - x["lp_t"]).abs()
-    tau = float(gap[x["mask"]].median()) if level == "token" else float(gap.mean(-1).median())
-    common = dict(loss_agg="token_mean", dual_clip=True)
+    if level == "token":
+        tau = max(float(gap[x["mask"]].median()), float(gap[0][x["mask"][0]].min()))
+    else:
+        seq_gap = torch.stack([gap[i][x["mask"][i]].mean() for i in range(B)])
+        tau = max(float(seq_gap.median()), float(seq_gap[0]))
+    # No PPO clip: a clipped kept token would have zero gradient under both objectives.
+    common = dict(loss_agg="token_mean", dual_clip=True, eps_low=1e9, eps_high=1e9)
     cfg = DistillConfig(tau_align=tau, tau_adv=0.0, gate_level=level, **common)
     # num_tokens=1: a plain sum, so each token's gradient depends on that token only
     loss, metrics = rlad_loss(cfg=cfg, num_tokens=1, **x)
