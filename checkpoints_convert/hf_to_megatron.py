@@ -1,10 +1,12 @@
 """HF (Llama / Qwen2 / Qwen3, safetensors) -> rlad-megatron checkpoint directory.
 
     python checkpoints_convert/hf_to_megatron.py --hf DIR --out DIR [--tp 2 --pp 2] \
-        [--make-vocab-size-divisible-by 128] [--rank-layout] [--overwrite]
+        [--make-vocab-size-divisible-by 128] [--rank-layout] [--dist-checkpoint] [--overwrite]
 
-Writes the full megatron-core layout (loadable at any TP/PP by the trainer) and, with
---rank-layout, the per-rank shards mp_rank_{tp:02d}_{pp:03d}/ for the given --tp/--pp.
+Writes the full megatron-core layout (loadable at any TP/PP by the trainer), with
+--rank-layout the per-rank shards mp_rank_{tp:02d}_{pp:03d}/ for the given --tp/--pp, and with
+--dist-checkpoint dist/, a megatron-core dist checkpoint of the same weights (also loadable at
+any TP/PP; its metadata is pickled, so share the safetensors and keep dist/ for your own runs).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="pad the vocabulary to a multiple of this x TP (rows are zero)")
     parser.add_argument("--rank-layout", action="store_true", help="also write mp_rank_XX_YYY per-rank shards")
+    parser.add_argument("--dist-checkpoint", action="store_true",
+                        help="also write dist/, a megatron-core dist checkpoint (torch_dist format)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -33,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = convert_hf_to_megatron(
             hf_dir=args.hf, out_dir=args.out, tp=args.tp, pp=args.pp,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-            writer="full+ranks" if args.rank_layout else "full", overwrite=args.overwrite,
+            writer="full" + ("+ranks" if args.rank_layout else "") + ("+dist" if args.dist_checkpoint else ""),
+            overwrite=args.overwrite,
             progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

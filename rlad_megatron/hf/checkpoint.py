@@ -8,6 +8,7 @@ A converted megatron directory holds
     hf_config.json         the source HF config, so the way back restores fields megatron ignores
     conversion.json        format tag, model_type, the TP/PP it was padded for
     mp_rank_{tp:02d}_{pp:03d}/model.safetensors   (optional) the per-rank shards for --tp/--pp
+    dist/step_0000000/     (optional) the same weights as a megatron-core dist checkpoint
 
 Any TP/PP loads it: :func:`rlad_megatron.hf.load.load_megatron_weights` shards on the fly.
 Outputs are written to a temporary directory beside the target and renamed at the end.
@@ -88,21 +89,27 @@ def read_megatron_config(megatron_dir: str | Path) -> tuple[ModelConfig, dict]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid UTF-8 YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of ModelConfig keys, got {type(data).__name__}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ValueError(f"{path}: unknown ModelConfig keys {unknown}")
-    cfg = ModelConfig(**data)
-    try:
-        cfg.validate(str(path))
-    except TypeError:  # e.g. num_layers: "two"
-        bad = next((k for k, v in data.items() if isinstance(v, str) and k != "params_dtype" and k != "load"), "?")
-        raise ValueError(f"{path}: {bad}: expected a number, got {data.get(bad)!r}") from None
+    cfg = model_config_from_dict(data, source=str(path))
     meta_path = megatron_dir / CONVERSION
     meta = io.read_json(meta_path) if meta_path.is_file() else {}
     return cfg, meta
+
+
+def model_config_from_dict(data, *, source: str) -> ModelConfig:
+    """A validated ModelConfig from its saved mapping (megatron_config.yaml, a dist checkpoint's extra state)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of ModelConfig keys, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown ModelConfig keys {unknown}")
+    cfg = ModelConfig(**data)
+    try:
+        cfg.validate(source)
+    except TypeError:  # e.g. num_layers: "two"
+        bad = next((k for k, v in data.items() if isinstance(v, str) and k != "params_dtype" and k != "load"), "?")
+        raise ValueError(f"{source}: {bad}: expected a number, got {data.get(bad)!r}") from None
+    return cfg
 
 
 def read_megatron_checkpoint(megatron_dir: str | Path, *,
@@ -175,6 +182,14 @@ def write_rank_layout(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: P
     return files
 
 
+def write_dist_layout(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: Path) -> list[str]:
+    """``dist/``: a megatron-core dist checkpoint of the same weights (see rlad_megatron.hf.dist)."""
+    # Imported here: rlad_megatron.hf.dist reads configs through this module.
+    from rlad_megatron.hf.dist import write_dist_checkpoint
+
+    return write_dist_checkpoint(tensors, cfg, out)
+
+
 # Switchable megatron-side writers: name -> fn(tensors, cfg, out_dir, tp=, pp=, progress=) -> files.
 MegatronWriter = Callable[..., list[str]]
 WRITERS: dict[str, MegatronWriter] = {
@@ -182,6 +197,12 @@ WRITERS: dict[str, MegatronWriter] = {
     "full+ranks": lambda t, c, o, *, tp, pp, progress: (write_full_layout(t, c, o, progress=progress)
                                                         + write_rank_layout(t, c, o, tp=tp, pp=pp,
                                                                             progress=progress)),
+    "full+dist": lambda t, c, o, *, tp, pp, progress: (write_full_layout(t, c, o, progress=progress)
+                                                       + write_dist_layout(t, c, o)),
+    "full+ranks+dist": lambda t, c, o, *, tp, pp, progress: (write_full_layout(t, c, o, progress=progress)
+                                                             + write_rank_layout(t, c, o, tp=tp, pp=pp,
+                                                                                 progress=progress)
+                                                             + write_dist_layout(t, c, o)),
 }
 
 
@@ -210,7 +231,8 @@ def convert_hf_to_megatron(*, hf_dir: str | Path, out_dir: str | Path, tp: int =
         files = WRITERS[writer](meg, cfg, tmp, tp=tp, pp=pp, progress=progress)
         (tmp / HF_CONFIG_COPY).write_text(json.dumps(hf_config, indent=2))
         meta = {"format": FORMAT, "model_type": arch.model_type, "padded_vocab_size": padded,
-                "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "source": str(hf_dir)}
+                "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "source": str(hf_dir),
+                "layouts": writer.split("+")}
         (tmp / CONVERSION).write_text(json.dumps(meta, indent=2))
     return _summary(arch.model_type, cfg, meg, out_dir, files + [HF_CONFIG_COPY, CONVERSION],
                     vocab=f"{cfg.vocab_size} -> {padded} (padded for TP={tp})")

@@ -1,8 +1,9 @@
-"""Initialise one megatron model stage from a converted directory or straight from an HF directory.
+"""Initialise one megatron model stage from a converted directory, its dist checkpoint, or an HF directory.
 
 Each rank reads only its pipeline stage's layers (plus the embedding / final norm / output layer),
 re-pads the vocabulary rows to the model's padded size (so a directory converted for one TP
-loads at any TP), slices its TP shard and copies it in.
+loads at any TP), slices its TP shard and copies it in. A dist checkpoint (``dist/``) is
+resharded by megatron-core's dist_checkpointing instead (see rlad_megatron/hf/dist.py).
 """
 
 from __future__ import annotations
@@ -24,28 +25,54 @@ from rlad_megatron.hf.checkpoint import (
 )
 from rlad_megatron.hf.config_map import architecture, head_dim
 from rlad_megatron.hf.convert import hf_to_megatron_state, pad_vocab
+from rlad_megatron.hf.dist import DIST_DIR, dist_checkpoint_config, is_dist_checkpoint, load_dist_weights
 from rlad_megatron.models.sharding import load_shard, shard_state_dict
 
 _MEG_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_RANK_DIR = re.compile(r"^mp_rank_\d{2}_\d{3}$")
 
 if TYPE_CHECKING:
     from rlad_megatron.distributed.groups import ParallelGroups
 
 
 def checkpoint_kind(path: str | Path) -> str:
-    """'megatron' (a converted directory) or 'hf' (config.json + safetensors)."""
+    """'megatron' (a converted directory), 'hf' (config.json + safetensors) or 'dist' (a dist checkpoint)."""
     path = Path(path)
     if (path / MEGATRON_CONFIG).is_file():
         return "megatron"
     if (path / "config.json").is_file():
         return "hf"
+    if is_dist_checkpoint(path):
+        return "dist"
     raise FileNotFoundError(f"{path}: neither a converted megatron directory ({MEGATRON_CONFIG}) "
-                            "nor an HF directory (config.json)")
+                            "nor an HF directory (config.json) nor a dist checkpoint (step_*/meta.json)")
+
+
+def _has_full_layout(path: Path) -> bool:
+    return ((path / io.SINGLE).is_file() or (path / io.INDEX).is_file()
+            or any(_RANK_DIR.match(p.name) for p in path.iterdir()))
+
+
+def dist_checkpoint_path(path: str | Path) -> Path | None:
+    """The dist checkpoint ``path`` loads from, or None when it loads from safetensors.
+
+    A converted directory with both prefers its safetensors (reading them runs no pickle).
+    """
+    path = Path(path)
+    kind = checkpoint_kind(path)
+    if kind == "dist":
+        return path
+    if kind == "megatron" and not _has_full_layout(path) and is_dist_checkpoint(path / DIST_DIR):
+        return path / DIST_DIR
+    return None
 
 
 def read_checkpoint_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig a checkpoint directory (either kind) describes."""
-    if checkpoint_kind(path) == "megatron":
+    """The ModelConfig a checkpoint directory (any kind) describes."""
+    kind = checkpoint_kind(path)
+    if kind == "dist":
+        return dist_checkpoint_config(path)
+    if kind == "megatron":
         return read_megatron_config(path)[0]
     from rlad_megatron.hf.config_map import model_config_from_hf
 
@@ -112,12 +139,17 @@ def _check_model_matches(model: torch.nn.Module, cfg: ModelConfig, path: Path) -
 def load_megatron_weights(model: torch.nn.Module, path: str | Path, groups: ParallelGroups) -> ModelConfig:
     """Copy this rank's shard of the checkpoint at ``path`` into ``model`` (one GPTModel stage).
 
-    ``path`` is a directory written by ``checkpoints_convert/hf_to_megatron.py`` or an HF
-    directory (config.json + safetensors). Returns the checkpoint's ModelConfig.
+    ``path`` is a directory written by ``checkpoints_convert/hf_to_megatron.py``, its ``dist/``
+    dist checkpoint (``--dist-checkpoint``; used for a converted directory only when it has no
+    safetensors), or an HF directory (config.json + safetensors). Returns the checkpoint's ModelConfig.
     """
     path = Path(path)
     cfg = read_checkpoint_config(path)
     _check_model_matches(model, cfg, path)
+    dist_path = dist_checkpoint_path(path)
+    if dist_path is not None:
+        load_dist_weights(model, dist_path, groups, cfg=cfg)
+        return cfg
     per_stage = cfg.num_layers // groups.pp_size
     layers = range(groups.pp_rank * per_stage, (groups.pp_rank + 1) * per_stage)
     full, cfg = _stage_tensors(path, layers)
