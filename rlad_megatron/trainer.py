@@ -9,12 +9,14 @@ steps exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from tqdm import tqdm
 
@@ -104,12 +106,26 @@ class Trainer:
             if self.is_logger:
                 print(f"checkpoint.resume: no complete checkpoint under {save_dir}; starting from step 0", flush=True)
             return
+        self._check_same_student(path)
         extra = load_checkpoint(directory=path, model_chunks=[self.model], optimizer=self.optimizer,
                                 scheduler=self.scheduler)
         self.step = int(extra["step"])
         self.sampler.load_state_dict(extra["sampler"])
         if self.is_logger:
             print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _check_same_student(self, path: Path) -> None:
+        # megatron-core loads embedding rows with allow_shape_mismatch (vocab padding), so a
+        # checkpoint of another vocabulary would load silently; the saved config tells.
+        saved_file = Path(path) / "config.yaml"
+        if not saved_file.is_file():
+            return
+        saved = (yaml.safe_load(saved_file.read_text()) or {}).get("student", {}).get("model", {})
+        ours = dataclasses.asdict(self.cfg.student.model)
+        for key, value in ours.items():
+            if key != "load" and key in saved and saved[key] != value:
+                raise ValueError(f"{saved_file}: checkpoint was saved with student.model.{key}={saved[key]!r}, "
+                                 f"this run has {value!r}")
 
     def save(self) -> None:
         if not self.cfg.checkpoint.save_dir:
