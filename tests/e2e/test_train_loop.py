@@ -105,3 +105,29 @@ def _drop_checkpoints_after(save_dir: Path, step: int) -> None:
     for p in save_dir.iterdir():
         if (step_of(p) or 0) > step:
             shutil.rmtree(p)
+
+
+def _one_step_each(rank, world_size, base_overrides):
+    from rlad_megatron.config import load_config
+    from rlad_megatron.distributed.init import init_distributed
+    from rlad_megatron.trainer import Trainer
+
+    out = {}
+    for objective in ("grpo", "kdrl", "forward_kl"):
+        overrides = [o for o in base_overrides if not o.startswith(("--distill.objective", "--train.steps"))]
+        cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml",
+                          overrides + [f"--distill.objective={objective}", "--distill.beta=0.05", "--train.steps=1",
+                                       "--checkpoint.save_interval=0"])
+        metrics = Trainer(cfg, init_distributed("cpu")).train()
+        out[objective] = {k: metrics[k] for k in ("loss", "kl_ref", "kd_k2", "kl_forward", "grad_norm")}
+    return out
+
+
+def test_baseline_objectives_run_with_reference(tmp_path):
+    """grpo, kdrl and forward_kl (with a k3 KL to the reference) each train a step at TP=2."""
+    (metrics, _) = run_distributed(_one_step_each, 2, args=(_overrides(tmp_path, 2, 1, "objectives", "grpo"),))
+    for objective, m in metrics.items():
+        assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]), (objective, m)
+        assert math.isfinite(m["kl_ref"]), (objective, m)
+    assert math.isfinite(metrics["kdrl"]["kd_k2"]) and math.isnan(metrics["grpo"]["kd_k2"])
+    assert math.isfinite(metrics["forward_kl"]["kl_forward"]) and metrics["forward_kl"]["kl_forward"] > 0
