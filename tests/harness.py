@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
+from rlad_megatron.distributed.init import free_port
+
 _TIMEOUT_S = float(os.environ.get("RLAD_TEST_DIST_TIMEOUT", "300"))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, fn, args, queue):
@@ -52,7 +48,7 @@ def _worker(rank, world_size, port, fn, args, queue):
 def run_distributed(fn, world_size: int, args: tuple = ()) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:

@@ -51,7 +51,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused TCP port on the loopback interface (single-process runs and tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -72,7 +73,7 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> WorldIn
         if "MASTER_PORT" not in os.environ:
             if world > 1:
                 raise ValueError("MASTER_PORT is not set; launch with torchrun or launch/slurm.sbatch")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         store = None
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":

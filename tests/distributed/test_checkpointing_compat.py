@@ -9,19 +9,15 @@ megatron-core release writes in-process, the first assertion fails and the patch
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from rlad_megatron.distributed.init import free_port
+
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shim only applies without CUDA")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(port, root, values, queue):
@@ -59,7 +55,7 @@ def test_dist_ckpt_writer_patch_is_needed_and_works(tmp_path):
     values = torch.randn(6, 4)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(_free_port(), str(tmp_path), values, queue), daemon=True)
+    proc = ctx.Process(target=_child, args=(free_port(), str(tmp_path), values, queue), daemon=True)
     proc.start()
     try:
         status, unpatched, loaded = queue.get(timeout=180)

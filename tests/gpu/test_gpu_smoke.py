@@ -26,18 +26,15 @@ def test_vocab_parallel_logprobs_on_cuda_match_float64():
 
 def test_gpt_model_builds_and_runs_on_cuda(tmp_path):
     import os
-    import socket
 
     import torch.distributed as dist
 
     from rlad_megatron.config import ModelSection
     from rlad_megatron.distributed import destroy_model_parallel, init_distributed, initialize_model_parallel
+    from rlad_megatron.distributed.init import free_port
     from rlad_megatron.models.builder import build_gpt_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     world = init_distributed("cuda")
     try:
         groups = initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=0)
