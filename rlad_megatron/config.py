@@ -210,6 +210,9 @@ class DataConfig:
     tokenizer_path: Optional[str] = None
     max_prompt_length: int = 128
     shuffle: bool = True
+    # RL prompts are the first N usable rows of train_path (None: all). A small pool that RL
+    # revisits many times is how the tiny default shows the reward rising in a few minutes.
+    max_train_examples: Optional[int] = None
 
     def validate(self, name: str) -> None:
         if "{question}" not in self.prompt_template:
@@ -217,6 +220,8 @@ class DataConfig:
                               f"got {self.prompt_template!r}")
         if self.max_prompt_length < 1:
             raise ConfigError(f"{name}.max_prompt_length: expected >= 1, got {self.max_prompt_length}")
+        if self.max_train_examples is not None and self.max_train_examples < 1:
+            raise ConfigError(f"{name}.max_train_examples: expected >= 1 or null, got {self.max_train_examples}")
 
 
 @dataclass

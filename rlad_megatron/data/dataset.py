@@ -85,12 +85,17 @@ def load_prompt_dataset(path: str | Path, *, question_field: str = "question", a
 
 def build_prompt_dataset(data_cfg: DataConfig, *, split: Literal["train", "eval"] = "train",
                          tokenizer: Optional[Tokenizer] = None) -> PromptDataset:
-    """The dataset named by ``data.train_path`` or ``data.eval_path``."""
+    """The dataset named by ``data.train_path`` (its first ``data.max_train_examples`` usable rows)
+    or ``data.eval_path``."""
     if split not in ("train", "eval"):
         raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
     path = data_cfg.train_path if split == "train" else data_cfg.eval_path
     if path is None:
         raise ValueError(f"data.{split}_path: expected a JSONL path, got None")
-    return load_prompt_dataset(path, question_field=data_cfg.question_field, answer_field=data_cfg.answer_field,
-                               prompt_template=data_cfg.prompt_template, tokenizer=tokenizer,
-                               max_prompt_length=data_cfg.max_prompt_length)
+    ds = load_prompt_dataset(path, question_field=data_cfg.question_field, answer_field=data_cfg.answer_field,
+                             prompt_template=data_cfg.prompt_template, tokenizer=tokenizer,
+                             max_prompt_length=data_cfg.max_prompt_length)
+    limit = data_cfg.max_train_examples
+    if split == "train" and limit is not None and limit < len(ds):
+        ds = PromptDataset(examples=ds.examples[:limit], path=path)
+    return ds

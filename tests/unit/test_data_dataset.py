@@ -42,6 +42,25 @@ def test_gsm8k_dataset_yields_prompt_and_gold():
     assert list(ds)[i] == (prompt, gold)
 
 
+def test_max_train_examples_keeps_the_first_rows_of_the_train_split_only():
+    raw = _raw(GSM8K_TRAIN)
+    n = random.randrange(1, len(raw))
+    cfg = DataConfig(train_path=str(GSM8K_TRAIN), eval_path=str(GSM8K_TRAIN), max_train_examples=n)
+    train, full = build_prompt_dataset(cfg, split="train"), build_prompt_dataset(cfg, split="eval")
+    assert len(train) == n and len(full) == len(raw)
+    assert [ex.line for ex in train.examples] == [ex.line for ex in full.examples[:n]]
+    assert list(train) == list(full)[:n]
+    big = DataConfig(train_path=str(GSM8K_TRAIN), max_train_examples=len(raw) + 5)
+    assert len(build_prompt_dataset(big, split="train")) == len(raw)
+
+
+def test_max_train_examples_must_be_positive():
+    from rlad_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data\.max_train_examples: expected >= 1 or null, got 0"):
+        load_config(None, ["--data.max_train_examples=0"])
+
+
 def test_overlong_prompts_are_dropped_with_a_warning():
     tok = SentencePieceTokenizer(path=SP_MODEL)
     cfg = DataConfig(train_path=str(GSM8K_TRAIN), tokenizer_type="sentencepiece", tokenizer_path=str(SP_MODEL),
