@@ -1,4 +1,5 @@
-"""Converted weights as a megatron-core ``dist_checkpointing`` checkpoint (``hf_to_megatron.py --dist-checkpoint``).
+"""Converted weights as a megatron-core ``dist_checkpointing`` checkpoint (``hf_to_megatron.py --dist-checkpoint``),
+and the reading side shared with training checkpoints (``checkpoint.save_dir`` step dirs).
 
     <out>/dist/step_0000000/   a rlad_megatron.checkpointing step dir (model only, no optimizer/RNG),
                                extra_state.json carries the ModelConfig
@@ -112,7 +113,13 @@ def is_dist_checkpoint(path: str | Path) -> bool:
 
 
 def dist_checkpoint_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig saved in the (newest complete) step dir at ``path``."""
+    """The ModelConfig of the (newest complete) step dir at ``path``.
+
+    A converter-written checkpoint carries it in ``extra_state.json``; a training checkpoint
+    (``checkpoint.save_dir``) in its saved run config, ``config.yaml`` -> ``student.model``.
+    """
+    import yaml
+
     from rlad_megatron.checkpointing import files
     from rlad_megatron.hf.checkpoint import model_config_from_dict
 
@@ -120,10 +127,42 @@ def dist_checkpoint_config(path: str | Path) -> ModelConfig:
     extra_path = step_dir / "extra_state.json"
     extra = files.read_json(extra_path)
     data = extra.get(MODEL_CONFIG_KEY) if isinstance(extra, dict) else None
-    if not isinstance(data, dict):
-        raise ValueError(f"{extra_path}: no '{MODEL_CONFIG_KEY}' mapping: not written by hf_to_megatron.py "
-                         "--dist-checkpoint (resume training checkpoints with checkpoint.resume instead)")
-    return model_config_from_dict(data, source=f"{extra_path}:{MODEL_CONFIG_KEY}")
+    if isinstance(data, dict):
+        return model_config_from_dict(data, source=f"{extra_path}:{MODEL_CONFIG_KEY}")
+    run_config = step_dir / "config.yaml"
+    if not run_config.is_file():
+        raise ValueError(f"{extra_path}: no '{MODEL_CONFIG_KEY}' mapping and no {run_config.name} beside it: "
+                         "neither a converted (hf_to_megatron.py --dist-checkpoint) nor a training checkpoint")
+    try:
+        saved = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{run_config}: not valid UTF-8 YAML ({str(e).splitlines()[0]})") from None
+    data = saved.get("student", {}).get("model") if isinstance(saved, dict) else None
+    if isinstance(data, dict):
+        # Where the run's weights started from says nothing about these weights.
+        data = {k: v for k, v in data.items() if k != "load"}
+    return model_config_from_dict(data, source=f"{run_config}:student.model")
+
+
+def read_dist_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Full-layout (TP=1, PP=1) tensors and ModelConfig of the dist checkpoint at ``path``.
+
+    Loaded through a TP=1 model in a one-process world, so a checkpoint saved at any TP/PP works;
+    the vocabulary comes back padded to ``make_vocab_size_divisible_by``.
+    """
+    from rlad_megatron.distributed.groups import current_groups
+    from rlad_megatron.models.builder import build_gpt_model
+    from rlad_megatron.models.sharding import model_state_dict
+
+    cfg = dist_checkpoint_config(path)
+    with _single_process_world():
+        groups = current_groups()
+        model = build_gpt_model(ModelSection(model=dataclasses.replace(cfg, load=None)), groups,
+                                device=torch.device("cpu"))
+        load_dist_weights(model, path, groups, cfg=cfg)
+        tensors = model_state_dict(model)
+        del model
+    return tensors, cfg
 
 
 def load_dist_weights(model: torch.nn.Module, path: str | Path, groups: ParallelGroups, *,
