@@ -24,6 +24,7 @@ from rlad_megatron.checkpointing import latest_checkpoint, load_checkpoint, save
 from rlad_megatron.config import Config, save_config
 from rlad_megatron.data import PromptSampler, build_prompt_dataset, build_tokenizer, check_vocab_fits, shard_for_rank
 from rlad_megatron.distributed import WorldInfo, initialize_model_parallel
+from rlad_megatron.evaluation import answer_and_score, summarize
 from rlad_megatron.hf.load import load_megatron_weights
 from rlad_megatron.metrics import MetricsWriter, mean_over_ranks, reduce_last_stage_metrics
 from rlad_megatron.models.builder import build_gpt_model, freeze
@@ -221,10 +222,10 @@ class Trainer:
         """Greedy accuracy on the first ``limit`` eval prompts (split over DP replicas)."""
         g = self.groups
         examples = shard_for_rank(list(self.eval_data.examples[:limit]), rank=g.dp_rank, world_size=g.dp_size)
-        batch = self._rollout(model, [list(e.prompt_ids) for e in examples], temperature=0.0, seed_offset=-1)
-        rewards = reward_batch(completions=[self.tokenizer.decode(r) for r in batch.responses()],
-                               golds=[e.gold for e in examples])
-        acc = mean_over_ranks({"acc": sum(rewards) / max(len(rewards), 1)}, device=self.device, group=g.dp)
+        records = answer_and_score(model=model, groups=g, tokenizer=self.tokenizer, examples=examples,
+                                   max_new_tokens=self.cfg.rl.max_new_tokens, vocab_size=self.vocab_size,
+                                   top_p=self.cfg.rl.top_p)
+        acc = mean_over_ranks({"acc": summarize(records)["accuracy"]}, device=self.device, group=g.dp)
         return acc["acc"]
 
     def _maybe_eval(self, metrics: dict[str, float], *, first: bool) -> None:

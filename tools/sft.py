@@ -60,14 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlad_megatron.data import build_prompt_dataset, build_tokenizer, check_vocab_fits, load_jsonl, sft_example
     from rlad_megatron.distributed import init_distributed, initialize_model_parallel
+    from rlad_megatron.evaluation import answer_and_score, summarize
     from rlad_megatron.hf.checkpoint import write_full_layout
     from rlad_megatron.hf.io import atomic_output_dir
     from rlad_megatron.losses import vocab_parallel_logprobs
     from rlad_megatron.models.builder import build_gpt_model
     from rlad_megatron.models.forward import position_ids_like
     from rlad_megatron.models.sharding import model_state_dict
-    from rlad_megatron.rl.rewards import reward_batch
-    from rlad_megatron.rl.rollout import generate
 
     section = dataclasses.replace(getattr(cfg, args.model), parallel=ParallelConfig())
     section = dataclasses.replace(section, model=dataclasses.replace(section.model, load=None))
@@ -104,13 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {"model": args.model, "steps": args.steps, "final_loss": loss.item(), "seconds": time.perf_counter() - t0}
     if cfg.data.eval_path and args.eval_samples > 0:
         data = build_prompt_dataset(cfg.data, split="eval", tokenizer=tokenizer)
-        evals = data.examples[:args.eval_samples]
-        batch = generate(model=model, groups=groups, prompts=[list(e.prompt_ids) for e in evals],
-                         max_new_tokens=cfg.rl.max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id,
-                         pad_id=tokenizer.pad_id, vocab_size=section.model.vocab_size, generator=None)
-        rewards = reward_batch(completions=[tokenizer.decode(r) for r in batch.responses()],
-                               golds=[e.gold for e in evals])
-        metrics["eval_accuracy"] = sum(rewards) / len(rewards)
+        records = answer_and_score(model=model, groups=groups, tokenizer=tokenizer,
+                                   examples=data.examples[:args.eval_samples], max_new_tokens=cfg.rl.max_new_tokens,
+                                   vocab_size=section.model.vocab_size)
+        metrics["eval_accuracy"] = summarize(records)["accuracy"]
     print(f"[sft {args.model}] {json.dumps(metrics)}", flush=True)
     with atomic_output_dir(args.out, overwrite=True) as tmp:
         write_full_layout(model_state_dict(model), section.model, tmp)
