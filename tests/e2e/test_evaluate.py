@@ -69,10 +69,11 @@ def test_greedy_accuracy_matches_sft_and_records_are_consistent(model_dir, tmp_p
                                                              golds=[r["gold"] for r in records])
 
     for name, nproc, tp in (("tp2", 2, 2), ("dp2", 2, 1)):
-        other = _summary(_run(["--load", str(model_dir), "--limit", str(LIMIT), "--out", str(tmp_path / f"{name}.jsonl"),
-                               *_tp(tp)], nproc=nproc))
+        out = tmp_path / f"{name}.jsonl"
+        other = _summary(_run(["--load", str(model_dir), "--limit", str(LIMIT), "--out", str(out), *_tp(tp)],
+                              nproc=nproc))
         assert other["accuracy"] == tp1["accuracy"], name
-        assert _records(tmp_path / f"{name}.jsonl") == records, name
+        assert _records(out) == records, name
 
 
 def test_sampling_reports_pass_at_k_and_is_reproducible(model_dir, tmp_path):
