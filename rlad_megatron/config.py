@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -441,6 +442,16 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         return _build(Config, data, "").validate()
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def load_config_or_exit(path: Optional[str | Path], overrides: Optional[list[str]] = None, *,
+                        exit_code: int = 2) -> Config:
+    """For entry points: the config, or its one-line error on stderr and ``SystemExit(exit_code)``."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(exit_code) from None
 
 
 def to_dict(cfg: Any) -> dict:

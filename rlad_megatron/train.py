@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlad_megatron.config import ConfigError, load_config
+from rlad_megatron.config import load_config_or_exit
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -26,11 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     if args.resume:
         overrides.append("--checkpoint.resume=true")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, overrides)
     # Heavy imports after the config is known to be valid: --help and bad configs answer fast.
     from rlad_megatron.distributed import init_distributed
     from rlad_megatron.trainer import run

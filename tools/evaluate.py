@@ -38,13 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="per-example JSONL output")
     args, overrides = parser.parse_known_args(argv)
 
-    from rlad_megatron.config import ConfigError, load_config
+    from rlad_megatron.config import load_config_or_exit
 
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, overrides)
     section = getattr(cfg, args.model)
     load = args.load if args.load is not None else section.model.load
     if not load:

@@ -50,13 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, default=200)
     args, overrides = parser.parse_known_args(argv)
 
-    from rlad_megatron.config import ConfigError, ParallelConfig, load_config
+    from rlad_megatron.config import ParallelConfig, load_config_or_exit
 
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, overrides)
 
     from rlad_megatron.data import build_prompt_dataset, build_tokenizer, check_vocab_fits, load_jsonl, sft_example
     from rlad_megatron.distributed import init_distributed, initialize_model_parallel
