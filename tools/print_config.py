@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from rlad_megatron.config import ConfigError, load_config, to_yaml
+from rlad_megatron.config import load_config_or_exit, to_yaml
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,11 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    try:
-        cfg = load_config(argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg = load_config_or_exit(argv[0], argv[1:], exit_code=1)
     print(to_yaml(cfg), end="")
     return 0
 
