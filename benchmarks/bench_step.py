@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(reps):
         for name, fn in (("teacher_forward", teacher), ("grpo_update", lambda: update("grpo")),
                          ("rlad_update", lambda: update("rlad"))):
-            torch.distributed.barrier()
+            _sync()
             t0 = time.perf_counter()
             fn()
-            torch.distributed.barrier()
+            _sync()
             times[name].append(time.perf_counter() - t0)
     if world.rank == 0:
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -95,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
               f"GRPO update); RLAD step / (GRPO step + teacher forward) = "
               f"{rlad_step / (grpo_step + med['teacher_forward']):.3f}")
     return 0
+
+
+def _sync() -> None:
+    # Kernels are asynchronous on CUDA: time finished work on every rank.
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    torch.distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def _all_ok(ok: bool) -> bool:
     """True on every rank iff ``ok`` on every rank, so a failure on one rank fails them all."""
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    # NCCL reduces only CUDA tensors (gloo takes CPU ones).
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device)
     dist.all_reduce(flag)
     return int(flag.item()) == 0
 
