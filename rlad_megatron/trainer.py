@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from tqdm import tqdm
 
-from rlad_megatron.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlad_megatron.checkpointing import files, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlad_megatron.config import Config, save_config
 from rlad_megatron.data import PromptSampler, build_prompt_dataset, build_tokenizer, check_vocab_fits, shard_for_rank
 from rlad_megatron.distributed import WorldInfo, initialize_model_parallel
@@ -118,10 +117,10 @@ class Trainer:
     def _check_same_student(self, path: Path) -> None:
         # megatron-core loads embedding rows with allow_shape_mismatch (vocab padding), so a
         # checkpoint of another vocabulary would load silently; the saved config tells.
-        saved_file = Path(path) / "config.yaml"
-        if not saved_file.is_file():
+        saved = files.saved_student_model(path)
+        if saved is None:
             return
-        saved = (yaml.safe_load(saved_file.read_text()) or {}).get("student", {}).get("model", {})
+        saved_file = Path(path) / files.RUN_CONFIG
         ours = dataclasses.asdict(self.cfg.student.model)
         for key, value in ours.items():
             if key != "load" and key in saved and saved[key] != value:

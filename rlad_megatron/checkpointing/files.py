@@ -23,6 +23,7 @@ STEP_PREFIX = "step_"
 TMP_PREFIX = "tmp."
 LATEST = "latest"
 META = "meta.json"
+RUN_CONFIG = "config.yaml"  # the resolved run config, written by save_config
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -80,6 +81,25 @@ def read_json(path: str | Path):
         raise FileNotFoundError(f"{path}: missing; the checkpoint is incomplete") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: corrupt checkpoint file ({e})") from None
+
+
+def saved_student_model(step_dir: str | Path):
+    """The ``student.model`` mapping of the run config saved in ``step_dir``.
+
+    None when the step dir has no config.yaml or the config has no such mapping.
+    """
+    import yaml
+
+    path = Path(step_dir) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid UTF-8 YAML ({str(e).splitlines()[0]})") from None
+    student = saved.get("student") if isinstance(saved, dict) else None
+    model = student.get("model") if isinstance(student, dict) else None
+    return model if isinstance(model, dict) else None
 
 
 def is_complete(path: str | Path) -> bool:

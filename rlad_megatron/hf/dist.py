@@ -118,8 +118,6 @@ def dist_checkpoint_config(path: str | Path) -> ModelConfig:
     A converter-written checkpoint carries it in ``extra_state.json``; a training checkpoint
     (``checkpoint.save_dir``) in its saved run config, ``config.yaml`` -> ``student.model``.
     """
-    import yaml
-
     from rlad_megatron.checkpointing import files
     from rlad_megatron.hf.checkpoint import model_config_from_dict
 
@@ -129,16 +127,12 @@ def dist_checkpoint_config(path: str | Path) -> ModelConfig:
     data = extra.get(MODEL_CONFIG_KEY) if isinstance(extra, dict) else None
     if isinstance(data, dict):
         return model_config_from_dict(data, source=f"{extra_path}:{MODEL_CONFIG_KEY}")
-    run_config = step_dir / "config.yaml"
+    run_config = step_dir / files.RUN_CONFIG
     if not run_config.is_file():
         raise ValueError(f"{extra_path}: no '{MODEL_CONFIG_KEY}' mapping and no {run_config.name} beside it: "
                          "neither a converted (hf_to_megatron.py --dist-checkpoint) nor a training checkpoint")
-    try:
-        saved = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{run_config}: not valid UTF-8 YAML ({str(e).splitlines()[0]})") from None
-    data = saved.get("student", {}).get("model") if isinstance(saved, dict) else None
-    if isinstance(data, dict):
+    data = files.saved_student_model(step_dir)
+    if data is not None:
         # Where the run's weights started from says nothing about these weights.
         data = {k: v for k, v in data.items() if k != "load"}
     return model_config_from_dict(data, source=f"{run_config}:student.model")
