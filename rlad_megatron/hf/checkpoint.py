@@ -120,19 +120,19 @@ def read_megatron_checkpoint(megatron_dir: str | Path, *,
     training checkpoint (a ``checkpoint.save_dir`` or one of its step dirs) or the ``dist/`` of a
     converted directory that has no safetensors.
     """
-    from rlad_megatron.hf.dist import DIST_DIR, is_dist_checkpoint, read_dist_checkpoint
+    from rlad_megatron.hf.dist import read_dist_checkpoint
+    from rlad_megatron.hf.load import dist_checkpoint_path  # load.py imports this module
 
     megatron_dir = Path(megatron_dir)
-    has_config = (megatron_dir / MEGATRON_CONFIG).is_file()
-    has_safetensors = (megatron_dir / io.SINGLE).is_file() or (megatron_dir / io.INDEX).is_file()
-    if not has_config and is_dist_checkpoint(megatron_dir):
-        tensors, cfg = read_dist_checkpoint(megatron_dir)
-        return tensors, cfg, {}
-    cfg, meta = read_megatron_config(megatron_dir)
-    if not has_safetensors and not any(megatron_dir.glob("mp_rank_*")) and is_dist_checkpoint(megatron_dir / DIST_DIR):
-        tensors, _ = read_dist_checkpoint(megatron_dir / DIST_DIR)
+    dist_path = dist_checkpoint_path(megatron_dir)
+    if dist_path is not None:
+        tensors, cfg = read_dist_checkpoint(dist_path)
+        if dist_path == megatron_dir:
+            return tensors, cfg, {}
+        cfg, meta = read_megatron_config(megatron_dir)
         return tensors, cfg, meta
-    if has_safetensors:
+    cfg, meta = read_megatron_config(megatron_dir)
+    if (megatron_dir / io.SINGLE).is_file() or (megatron_dir / io.INDEX).is_file():
         index = io.tensor_index(megatron_dir)
         where = {n: str(p) for n, p in index.items()}
         tensors = io.read_tensors(index, list(index), progress=progress, desc=f"reading {megatron_dir.name}")
