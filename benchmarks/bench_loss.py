@@ -8,7 +8,7 @@ fresh logits shard ``[N, V/TP]`` -> forward + backward; one untimed run per meth
 memory, then ``--iters`` timed runs interleaved across methods (min reported; ``gathered`` gets
 one timed run since it is slow; barriers around each run, so the slowest rank's time counts). Methods:
 
-- ``rlad``: ``vocab_parallel_logprobs`` + ``rlad_loss`` (TRRD, default DistillConfig) + backward.
+- ``rlad``: ``vocab_parallel_logprobs`` + the rlad objective's loss (TRRD, default DistillConfig) + backward.
 - ``megatron_ce``: megatron-core ``vocab_parallel_cross_entropy(...).mean()`` + backward.
 - ``gathered``: all-gather the vocabulary, float32 ``log_softmax`` on ``[N, V]``, same TRRD loss.
 
@@ -59,7 +59,8 @@ def _run_once(method: str, logits: torch.Tensor, target, noise, tp_group, tp_ran
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from rlad_megatron.config import DistillConfig
-    from rlad_megatron.losses import rlad_loss, vocab_parallel_logprobs
+    from rlad_megatron.losses import vocab_parallel_logprobs
+    from rlad_megatron.objectives import LossInputs, build_objective
 
     n = target.shape[0]
     if method == "megatron_ce":
@@ -76,8 +77,9 @@ def _run_once(method: str, logits: torch.Tensor, target, noise, tp_group, tp_ran
     lp_BS = lp.view(b, n // b)
     lp_old = lp_BS.detach() + 0.05 * noise[0].view(b, -1)
     lp_t = lp_BS.detach() + 0.5 * noise[1].view(b, -1)
-    loss, _ = rlad_loss(lp_s=lp_BS, lp_old=lp_old, lp_t=lp_t, advantages=noise[2, :b],
-                        mask=torch.ones_like(lp_BS, dtype=torch.bool), cfg=DistillConfig())
+    loss, _ = build_objective(DistillConfig()).loss(LossInputs(lp_s=lp_BS, lp_old=lp_old, lp_t=lp_t,
+                                                               advantages=noise[2, :b],
+                                                               mask=torch.ones_like(lp_BS, dtype=torch.bool)))
     loss.backward()
     if method == "gathered":
         width = logits.shape[-1]

@@ -1,13 +1,14 @@
 """One RLAD step vs one GRPO step on the same rollout batch, side by side in one run.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_step.py --config launch/configs/tiny_cpu.yaml \
-        --student.model.load=null --teacher.model.load=null
+        --student.load=null --teacher.load=null
 
 Times, per repetition and interleaved: the teacher's forward (vocab-parallel log-probs of the
-sampled tokens), the student update with ``distill.objective=grpo``, and the student update with
-``rlad`` (which needs the teacher's log-probs). Target: rlad update - grpo update <= 5% of the grpo
-update, i.e. a whole RLAD step costs no more than a GRPO step + the teacher forward + 5%.
-Reports medians on rank 0.
+sampled tokens), the student update with the grpo objective, and the student update with rlad
+(which needs the teacher's log-probs). Target: rlad update - grpo update <= 5% of the grpo update,
+i.e. a whole RLAD step costs no more than a GRPO step + the teacher forward + 5%. It uses the
+trainer's own components (generator, teacher scorer, student train module). Reports medians on
+rank 0.
 """
 
 from __future__ import annotations
@@ -29,23 +30,25 @@ def main(argv: list[str] | None = None) -> int:
         del argv[i:i + 2]
     from rlad_megatron.config import load_config
     from rlad_megatron.distributed import init_distributed
+    from rlad_megatron.objectives import build_objective
     from rlad_megatron.rl.advantages import grpo_advantages
-    from rlad_megatron.rl.experience import build_experience, frozen_logprobs
+    from rlad_megatron.rl.experience import build_experience
     from rlad_megatron.rl.rewards import reward_batch
     from rlad_megatron.rl.rollout import repeat_prompts
-    from rlad_megatron.rl.update import train_mini_batch
+    from rlad_megatron.rl.train_module import make_loss_fn
     from rlad_megatron.trainer import Trainer
 
     cfg_path = argv[argv.index("--config") + 1]
     overrides = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
     cfg = load_config(cfg_path, overrides + ["--logging.progress_bar=false", "--train.eval_interval=0",
-                                             "--logging.tensorboard=false", "--logging.run_dir=runs/bench_step"])
+                                             "--logging.tensorboard=false", "--logging.run_dir=runs/bench_step",
+                                             "--distill.objective=rlad"])
     world = init_distributed(cfg.train.device)
     trainer = Trainer(cfg, world)
-    g, rl = trainer.groups, cfg.rl
-    prompts, golds = trainer._prompts()
-    rollout = trainer._rollout(trainer.model.module, repeat_prompts(prompts, group_size=rl.group_size),
-                               temperature=rl.temperature, seed_offset=0)
+    g, rl, student = trainer.groups, cfg.rl, trainer.student
+    prompts, golds = trainer.next_prompts()
+    rollout = trainer.generator.generate(repeat_prompts(prompts, group_size=rl.group_size),
+                                         seed=trainer.rollout_seed(0))
     rewards = reward_batch(completions=[trainer.tokenizer.decode(r) for r in rollout.responses()],
                            golds=[gold for gold in golds for _ in range(rl.group_size)])
     # Random rewards if the policy scores nothing: the update must carry a real gradient.
@@ -54,18 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     exp = build_experience(rollout, grpo_advantages(rewards_N=rewards, group_size=rl.group_size).advantages_N,
                            pad_id=trainer.tokenizer.pad_id)
     index = torch.arange(len(exp))[:rl.mini_batch_size // g.dp_size]
-    score = dict(micro_batch_size=rl.micro_batch_size, tp_group=g.tp, vocab_size=trainer.vocab_size,
-                 is_last_stage=g.is_last_stage, device=trainer.device)
-    objectives = {name: dataclasses.replace(cfg.distill, objective=name) for name in ("grpo", "rlad")}
+    loss_fns = {name: make_loss_fn(build_objective(dataclasses.replace(cfg.distill, objective=name), tp_group=g.tp,
+                                                   vocab_size=trainer.objective.vocab_size))
+                for name in ("grpo", "rlad")}
 
     def update(objective: str) -> None:
-        train_mini_batch(model=trainer.model, optimizer=trainer.optimizer, scheduler=None, exp=exp, index=index,
-                         micro_batch_size=rl.micro_batch_size, cfg=objectives[objective],
-                         clip_grad=cfg.optimizer.clip_grad, tp_group=g.tp, vocab_size=trainer.vocab_size,
-                         device=trainer.device)
+        student.loss_fn = loss_fns[objective]
+        student.train_mini_batch(exp, index)
 
     def teacher() -> None:
-        exp.lp_t_NS, _ = frozen_logprobs(model=trainer.teacher, exp=exp, **score)
+        exp.lp_t_NS, _ = trainer.teacher.logprobs(exp)
 
     times: dict[str, list[float]] = {"teacher_forward": [], "grpo_update": [], "rlad_update": []}
     teacher()

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from rlad_megatron.hf import convert_hf_to_megatron, format_summary
+    from rlad_megatron.conversion import convert_hf_to_megatron, format_summary
 
     try:
         summary = convert_hf_to_megatron(

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from rlad_megatron.hf import convert_megatron_to_hf, format_summary
+    from rlad_megatron.conversion import convert_megatron_to_hf, format_summary
 
     try:
         summary = convert_megatron_to_hf(

@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlad_megatron.config import ModelSection, ParallelConfig
     from rlad_megatron.distributed import init_distributed, initialize_model_parallel
-    from rlad_megatron.hf import load_megatron_weights, read_checkpoint_config
-    from rlad_megatron.hf.equivalence import compare_logits, hf_logits, megatron_logits
-    from rlad_megatron.models.builder import build_gpt_model
+    from rlad_megatron.hf import read_checkpoint_config
+    from rlad_megatron.models.equivalence import compare_logits, hf_logits, megatron_logits
+    from rlad_megatron.models.weights import build_model
 
     init_distributed("cpu")
     groups = initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
@@ -43,10 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = read_checkpoint_config(args.megatron)
     cfg.params_dtype = "float32"
     section = ModelSection(model=cfg, parallel=ParallelConfig(tensor_model_parallel_size=args.tp,
-                                                              pipeline_model_parallel_size=args.pp))
+                                                              pipeline_model_parallel_size=args.pp), load=args.megatron)
     section.validate("verify")
-    model = build_gpt_model(section, groups, device=torch.device("cpu"))
-    load_megatron_weights(model, args.megatron, groups)
+    model = build_model(section, groups, device=torch.device("cpu"))
     tokens_BS = torch.randint(0, cfg.vocab_size, (args.batch, args.seq),
                               generator=torch.Generator().manual_seed(args.seed))
     logits_BSV = megatron_logits(model, groups, tokens_BS, vocab_size=cfg.vocab_size)

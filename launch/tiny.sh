@@ -16,4 +16,4 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 [ -f "$SFT_DIR/student/megatron_config.yaml" ] ||
   "$PY" tools/sft.py --config "$CONFIG" --model student --steps "$STUDENT_STEPS" --out "$SFT_DIR/student"
 exec "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m rlad_megatron.train --config "$CONFIG" \
-  --student.model.load="$SFT_DIR/student" --teacher.model.load="$SFT_DIR/teacher" "$@"
+  --student.load="$SFT_DIR/student" --teacher.load="$SFT_DIR/teacher" "$@"

@@ -37,6 +37,8 @@ RDZV_ID=${RDZV_ID:-rlad}
 CONFIG=${CONFIG-launch/configs/tiny_cpu.yaml}
 ENTRY=${ENTRY:-"-m rlad_megatron.train"}
 PYTHON=${PYTHON:-python}
+# megatron-core overlaps TP communication with compute only when kernels queue in order (Megatron-LM sets it too).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 
 read -r -a entry <<< "$ENTRY"
 extra=()

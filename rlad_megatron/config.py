@@ -18,6 +18,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from rlad_megatron.atomic import write_text_atomic
+from rlad_megatron.objectives.registry import objective_names
+
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or inconsistent; the message names the key."""
@@ -44,8 +47,6 @@ class ModelConfig:
     kv_channels: Optional[int] = None
     init_method_std: float = 0.02
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Optional path to a Megatron dist checkpoint (or HF directory) to initialise from.
-    load: Optional[str] = None
 
     def validate(self, name: str) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -78,10 +79,13 @@ class ParallelConfig:
 
 @dataclass
 class ModelSection:
-    """A model together with its own parallel layout."""
+    """A model's shape, its own parallel layout and where its weights come from."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Weights to start from: a converted megatron directory, its dist/, an HF directory or a
+    # training checkpoint (save dir or step dir); None keeps the random initialisation.
+    load: Optional[str] = None
 
     def validate(self, name: str) -> None:
         self.model.validate(f"{name}.model")
@@ -175,7 +179,8 @@ class RLConfig:
 class DistillConfig:
     """The objective (DESIGN.md sections 1-2); baselines are objectives, not branches."""
 
-    objective: Literal["rlad", "grpo", "kdrl", "forward_kl"] = "rlad"
+    # One of rlad_megatron.objectives.objective_names(): rlad, grpo, kdrl, forward_kl.
+    objective: str = "rlad"
     alpha: float = 0.5
     teacher_clamp: float = 1.0
     teacher_clamp_grad: Literal["clamp", "straight_through"] = "clamp"
@@ -191,6 +196,8 @@ class DistillConfig:
     loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
 
     def validate(self, name: str) -> None:
+        if self.objective not in objective_names():
+            raise ConfigError(f"{name}.objective: expected one of {objective_names()}, got {self.objective!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"{name}.alpha: expected in [0, 1], got {self.alpha}")
         for key in ("teacher_clamp", "eps_low", "eps_high", "beta", "beta_kd"):
@@ -353,6 +360,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
+# Keys that moved, so an old config names the new place.
+_MOVED = {"student.model.load": "student.load", "teacher.model.load": "teacher.load"}
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
@@ -363,7 +374,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+            hint = f"; moved to {_MOVED[where]}" if where in _MOVED else ""
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))}){hint}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -467,7 +479,5 @@ def save_config(cfg: Any, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / "config.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(out)
+    write_text_atomic(out, to_yaml(cfg))
     return out

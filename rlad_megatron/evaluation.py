@@ -1,11 +1,11 @@
 """Verifiable-reward evaluation of one model: generate answers to prompts and score them.
 
-    records = answer_and_score(model=model, groups=groups, tokenizer=tok, examples=examples,
-                               max_new_tokens=256, vocab_size=V, samples=4, temperature=0.7)
+    records = answer_and_score(generator=gen, tokenizer=tok, examples=examples, samples=4)
     summary = summarize(gather_records(records, groups))   # {"accuracy": ..., "pass@4": ...}
 
-Every rank of a model-parallel group calls ``answer_and_score`` on the same examples (TP/PP
-ranks generate together); DP replicas take disjoint example slices and ``gather_records``
+``gen`` is a :class:`~rlad_megatron.rl.generator.Generator` with the evaluation's sampling
+settings. Every rank of a model-parallel group calls ``answer_and_score`` on the same examples
+(TP/PP ranks generate together); DP replicas take disjoint example slices and ``gather_records``
 collects them. Greedy (``temperature == 0``) is deterministic; sampling draws from a generator
 seeded by ``seed`` and the batch number, so a run is reproducible.
 """
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.distributed as dist
 
 from rlad_megatron.data.dataset import PromptExample
 from rlad_megatron.data.tokenizers import Tokenizer
 from rlad_megatron.distributed.groups import ParallelGroups
+from rlad_megatron.rl.generator import Generator
 from rlad_megatron.rl.rewards import reward_batch
-from rlad_megatron.rl.rollout import generate, repeat_prompts
+from rlad_megatron.rl.rollout import repeat_prompts
 
 
 @dataclass
@@ -33,27 +33,21 @@ class EvalRecord:
     rewards: list[float]
 
 
-def answer_and_score(*, model: torch.nn.Module, groups: ParallelGroups, tokenizer: Tokenizer,
-                     examples: list[PromptExample], max_new_tokens: int, vocab_size: int, samples: int = 1,
-                     temperature: float = 0.0, top_p: float = 1.0, batch_size: int | None = None,
-                     seed: int = 0) -> list[EvalRecord]:
+def answer_and_score(*, generator: Generator, tokenizer: Tokenizer, examples: list[PromptExample],
+                     samples: int = 1, batch_size: int | None = None, seed: int = 0) -> list[EvalRecord]:
     """``samples`` answers per example in batches of ``batch_size`` examples (None: one batch)."""
     if samples < 1:
         raise ValueError(f"samples: expected >= 1, got {samples}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    if temperature == 0 and samples > 1:
+    if generator.temperature == 0 and samples > 1:
         raise ValueError(f"samples: greedy decoding (temperature 0) gives one answer, got samples={samples}")
-    device = next(model.parameters()).device
     step = batch_size or max(len(examples), 1)
     records: list[EvalRecord] = []
     for b, start in enumerate(range(0, len(examples), step)):
         batch = examples[start:start + step]
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b) if temperature > 0 else None
-        rollout = generate(model=model, groups=groups, prompts=repeat_prompts([list(e.prompt_ids) for e in batch],
-                                                                             group_size=samples),
-                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=vocab_size, generator=gen)
+        rollout = generator.generate(repeat_prompts([list(e.prompt_ids) for e in batch], group_size=samples),
+                                     seed=seed * 1_000_003 + b if generator.temperature > 0 else None)
         texts = [tokenizer.decode(r) for r in rollout.responses()]
         rewards = reward_batch(completions=texts, golds=[e.gold for e in batch for _ in range(samples)])
         for i, e in enumerate(batch):

@@ -3,7 +3,7 @@
     plan = plan_memory(load_config("run.yaml"), dp=4)
     print(format_plan(plan, gpu_memory_gib=80))
 
-Pure arithmetic on the config tree (no process group, no torch). Every GPU of pipeline stage r
+Pure arithmetic on the config tree (no process group; the objective says which models exist). Every GPU of stage r
 holds the same bytes (TP splits evenly, norms are replicated), so the plan is per stage.
 
 Exact (tests/distributed/test_plan_memory_measured.py checks them against built models):
@@ -13,7 +13,7 @@ Exact (tests/distributed/test_plan_memory_measured.py checks them against built 
 - student weights, the fp32 DDP gradient buffer (``grad_reduce_in_fp32``) and Adam state
   (exp_avg, exp_avg_sq, an fp32 master copy of 16-bit params), the Adam state divided over DP
   with ``parallel.use_distributed_optimizer`` (plus bucket padding: < 64 values per tensor);
-- teacher (objective != grpo) and reference (beta > 0) weights;
+- teacher (when the objective needs it) and reference (beta > 0) weights;
 - the rollout KV cache of megatron's ``StaticInferenceContext``: K and V ``[P + N, rows,
   groups/TP, kv_channels]`` per layer in the params dtype, rows = prompts_per_step * G / DP.
 
@@ -29,7 +29,8 @@ scaled by dtype bytes / 2, and ``flash_attention`` drops the ``5*a*s/h`` attenti
 - training: the stage's layers for each micro-batch in flight (stage r of a 1F1B schedule
   holds up to PP - r), plus the micro-batch's float32 logits shard and one same-size float32
   buffer for the vocab-parallel loss backward (last stage);
-- forward_kl keeps the teacher's logits shard of the whole rollout from scoring to training.
+- an objective that uses the teacher's logits (forward_kl) keeps the teacher's logits shard of the whole
+  rollout from scoring to training.
 Not counted: the CUDA context and allocator fragmentation (typically 1-3 GiB), communication
 buffers, the ``[rows, V]`` per-step sampling logits and small temporaries.
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlad_megatron.config import Config, ConfigError, ModelConfig, ModelSection
+from rlad_megatron.objectives import build_objective
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -206,12 +208,13 @@ def plan_memory(cfg: Config, *, dp: int = 1, flash_attention: bool = False,
     (Transformer Engine on GPU); megatron-core's local spec without apex (the CPU path) uses 4.
     """
     _check_batching(cfg, dp)
-    st, te, rl, distill = cfg.student, cfg.teacher, cfg.rl, cfg.distill
+    st, te, rl = cfg.student, cfg.teacher, cfg.rl
     tp, pp = st.parallel.tensor_model_parallel_size, st.parallel.pipeline_model_parallel_size
+    objective = build_objective(cfg.distill)
     sections = {"student": st}
-    if distill.objective != "grpo":
+    if objective.needs_teacher:
         sections["teacher"] = te
-    if distill.beta > 0:
+    if objective.needs_reference:
         sections["reference"] = st
     plan = MemoryPlan(tp=tp, pp=pp, dp=dp, params={k: param_counts(s) for k, s in sections.items()},
                       model_params={k: model_param_count(s) for k, s in sections.items()})
@@ -249,7 +252,7 @@ def plan_memory(cfg: Config, *, dp: int = 1, flash_attention: bool = False,
             out["scoring_logits"] = max((micro * seq * vocab_local * DTYPE_BYTES[f.model.params_dtype]
                                          for f in frozen), default=0)
             out["logits"] = 2 * micro * seq * vocab_local * 4
-            if distill.objective == "forward_kl":
+            if objective.uses_teacher_logits:
                 out["teacher_logits_kept"] = rows * seq * vocab_local * DTYPE_BYTES[te.model.params_dtype]
         plan.stages.append(StageMemory(pp_rank=r, bytes=out))
     return plan

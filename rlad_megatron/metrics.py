@@ -9,8 +9,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# What an objective's loss reports per micro-batch (Objective.loss; a key it does not report is NaN).
+LOSS_METRICS = ("loss", "ratio_mean", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "gated_frac",
+                "teacher_logratio_mean", "teacher_clamp_frac", "kl_teacher_k3", "kd_k2", "kl_forward",
+                "kl_ref", "entropy")
+# Per optimizer update: the loss metrics and the step's outcome, reduced over the last pipeline stage.
+UPDATE_METRICS = LOSS_METRICS + ("grad_norm", "skipped_step")
+# The one-line log of a step, in this order (keys a step lacks or that are NaN are left out).
+LOG_LINE = ("reward_mean", "accuracy", "loss", "ratio_mean", "clip_frac_low", "clip_frac_high", "gated_frac",
+            "teacher_logratio_mean", "kl_teacher_k3", "entropy", "grad_norm", "response_length", "tokens_per_s",
+            "eval/student_accuracy", "eval/teacher_accuracy")
 
-def mean_of_dicts(dicts: list[dict], keys: list[str]) -> dict[str, float]:
+
+def format_log_line(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in LOG_LINE if k in metrics and not math.isnan(metrics[k]))
+
+
+def mean_of_dicts(dicts: list[dict], keys) -> dict[str, float]:
     """Average each key over the micro-batch metric dicts that carry it (absent -> NaN)."""
     out = {}
     for key in keys:
@@ -19,7 +34,7 @@ def mean_of_dicts(dicts: list[dict], keys: list[str]) -> dict[str, float]:
     return out
 
 
-def reduce_last_stage_metrics(values: dict[str, float] | None, keys: list[str], *, is_last_stage: bool,
+def reduce_last_stage_metrics(values: dict[str, float] | None, keys, *, is_last_stage: bool,
                               device: torch.device) -> dict[str, float]:
     """Mean over the ranks of the last pipeline stage, visible on every rank.
 

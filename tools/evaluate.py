@@ -5,7 +5,7 @@
         [--samples K --temperature T --top-p P] [--batch-size B] [--out results.jsonl]
     torchrun --nproc-per-node 2 tools/evaluate.py --config ... # TP/PP from <model>.parallel
 
-``--load`` (default: ``<model>.model.load``) takes anything ``model.load`` does: a converted
+``--load`` (default: ``<model>.load``) takes anything ``<model>.load`` does: a converted
 directory, its ``dist/``, an HF directory, or a training checkpoint (save dir or step dir).
 Greedy by default; with ``--samples K`` (temperature > 0) it reports mean@K as ``accuracy`` and
 pass@K. Prints one JSON summary line; ``--out`` also writes one JSON record per example
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--model", choices=["student", "teacher"], default="student")
-    parser.add_argument("--load", default=None, help="weights to evaluate (default: <model>.model.load)")
+    parser.add_argument("--load", default=None, help="weights to evaluate (default: <model>.load)")
     parser.add_argument("--split", choices=["eval", "train"], default="eval",
                         help="data.eval_path or data.train_path")
     parser.add_argument("--limit", type=int, default=None, help="first N examples only")
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config_or_exit(args.config, overrides)
     section = getattr(cfg, args.model)
-    load = args.load if args.load is not None else section.model.load
+    load = args.load if args.load is not None else section.load
     if not load:
-        print(f"error: --load: expected weights to evaluate, got none ({args.model}.model.load is unset)",
+        print(f"error: --load: expected weights to evaluate, got none ({args.model}.load is unset)",
               file=sys.stderr)
         return 2
     problems = [(name, f"expected >= 1, got {value}") for name, value in
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlad_megatron.data import build_prompt_dataset, build_tokenizer, check_vocab_fits, shard_for_rank
     from rlad_megatron.distributed import init_distributed, initialize_model_parallel
     from rlad_megatron.evaluation import answer_and_score, gather_records, summarize
-    from rlad_megatron.hf.load import load_megatron_weights
-    from rlad_megatron.models.builder import build_gpt_model
+    from rlad_megatron.models.weights import build_model
+    from rlad_megatron.rl.generator import Generator
 
     world = init_distributed(cfg.train.device)
     groups = initialize_model_parallel(tensor_model_parallel_size=section.parallel.tensor_model_parallel_size,
@@ -80,12 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     mine = shard_for_rank(examples[:usable], rank=groups.dp_rank, world_size=groups.dp_size)
     if groups.dp_rank == 0:
         mine += examples[usable:]
-    model = build_gpt_model(dataclasses.replace(section, model=dataclasses.replace(section.model, load=None)),
-                            groups, device=world.device)
-    load_megatron_weights(model, load, groups)
-    records = answer_and_score(model=model, groups=groups, tokenizer=tokenizer, examples=mine,
-                               max_new_tokens=cfg.rl.max_new_tokens, vocab_size=section.model.vocab_size,
-                               samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+    model = build_model(dataclasses.replace(section, load=load), groups, device=world.device)
+    generator = Generator(model=model, groups=groups, vocab_size=section.model.vocab_size, eos_id=tokenizer.eos_id,
+                          pad_id=tokenizer.pad_id, max_new_tokens=cfg.rl.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p)
+    records = answer_and_score(generator=generator, tokenizer=tokenizer, examples=mine, samples=args.samples,
                                batch_size=args.batch_size, seed=args.seed + groups.dp_rank)
     records = sorted(gather_records(records, groups), key=lambda r: r.line)
     summary = {"model": args.model, "load": str(load), "split": args.split, **summarize(records)}

@@ -3,7 +3,7 @@
     python tools/sft.py --config launch/configs/tiny_cpu.yaml --model teacher --steps 800 --out runs/tiny/sft/teacher
 
 Runs in one process at TP=1/PP=1 (the tiny default's models are small) and writes the full
-megatron layout (model.safetensors + megatron_config.yaml) that ``<model>.model.load`` reads at
+megatron layout (model.safetensors + megatron_config.yaml) that ``<model>.load`` reads at
 any TP/PP. Also reports greedy accuracy on ``data.eval_path`` in ``sft_metrics.json``. The
 output directory appears only once complete.
 """
@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from rlad_megatron.models.forward import shift_left
+
 
 def _batch(examples, rows: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(examples[i].ids) for i in rows)
@@ -28,12 +30,7 @@ def _batch(examples, rows: list[int], pad_id: int) -> tuple[torch.Tensor, torch.
         ids, loss_mask = examples[i].ids, examples[i].loss_mask
         tokens[r, :len(ids)] = torch.tensor(ids)
         mask[r, :len(ids)] = torch.tensor(loss_mask, dtype=torch.bool)
-    # Logits at t predict token t+1.
-    targets = torch.full_like(tokens, pad_id)
-    targets[:, :-1] = tokens[:, 1:]
-    target_mask = torch.zeros_like(mask)
-    target_mask[:, :-1] = mask[:, 1:]
-    return tokens, targets, target_mask
+    return tokens, shift_left(tokens, pad_id), shift_left(mask, False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from rlad_megatron.hf.checkpoint import write_full_layout
     from rlad_megatron.hf.io import atomic_output_dir
     from rlad_megatron.losses import vocab_parallel_logprobs
-    from rlad_megatron.models.builder import build_gpt_model
     from rlad_megatron.models.forward import position_ids_like
-    from rlad_megatron.models.sharding import model_state_dict
+    from rlad_megatron.models.weights import build_model, model_state_dict
+    from rlad_megatron.rl.generator import Generator
 
-    section = dataclasses.replace(getattr(cfg, args.model), parallel=ParallelConfig())
-    section = dataclasses.replace(section, model=dataclasses.replace(section.model, load=None))
+    # SFT starts from random weights at TP=1/PP=1, whatever the config's section says.
+    section = dataclasses.replace(getattr(cfg, args.model), parallel=ParallelConfig(), load=None)
     world = init_distributed("cpu")
     groups = initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=args.seed)
     torch.manual_seed(args.seed)
@@ -75,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = [sft_example(tokenizer=tokenizer, template=cfg.data.prompt_template,
                             question=r.fields[cfg.data.question_field], answer_text=r.fields[cfg.data.answer_field],
                             style=args.style) for r in rows]
-    model = build_gpt_model(section, groups, device=world.device)
+    model = build_model(section, groups, device=world.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / max(args.steps, 1)))
@@ -99,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {"model": args.model, "steps": args.steps, "final_loss": loss.item(), "seconds": time.perf_counter() - t0}
     if cfg.data.eval_path and args.eval_samples > 0:
         data = build_prompt_dataset(cfg.data, split="eval", tokenizer=tokenizer)
-        records = answer_and_score(model=model, groups=groups, tokenizer=tokenizer,
-                                   examples=data.examples[:args.eval_samples], max_new_tokens=cfg.rl.max_new_tokens,
-                                   vocab_size=section.model.vocab_size)
+        greedy = Generator(model=model, groups=groups, vocab_size=section.model.vocab_size, eos_id=tokenizer.eos_id,
+                           pad_id=tokenizer.pad_id, max_new_tokens=cfg.rl.max_new_tokens, temperature=0.0)
+        records = answer_and_score(generator=greedy, tokenizer=tokenizer, examples=data.examples[:args.eval_samples])
         metrics["eval_accuracy"] = summarize(records)["accuracy"]
     print(f"[sft {args.model}] {json.dumps(metrics)}", flush=True)
     with atomic_output_dir(args.out, overwrite=True) as tmp:

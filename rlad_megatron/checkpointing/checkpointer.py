@@ -33,6 +33,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from rlad_megatron.checkpointing import files
 from rlad_megatron.checkpointing.rng import load_rng_state, save_rng_state
 from rlad_megatron.config import save_config
+from rlad_megatron.distributed.compat import write_buckets_in_process
+from rlad_megatron.distributed.groups import current_groups
+from rlad_megatron.models.builder import true_vocab_size
 
 FORMAT_VERSION = 1
 # megatron-core 0.16's default 'fully_sharded_model_space' builds ShardedTensors with
@@ -66,8 +69,6 @@ def _all_ok(ok: bool) -> bool:
 
 
 def _layout() -> dict:
-    from rlad_megatron.distributed.groups import current_groups
-
     g = current_groups()
     return {"world_size": _world(), "tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size}
 
@@ -144,8 +145,6 @@ def _check_psutil() -> None:
     # waits forever on its JoinableQueue (a hang, not an error).
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    from rlad_megatron.distributed.compat import write_buckets_in_process
-
     if FileSystemWriterAsync.write_preloaded_data_multiproc is write_buckets_in_process:
         return  # the CPU compat shim writes in-process
     if importlib.util.find_spec("psutil") is None:
@@ -190,7 +189,8 @@ def save_checkpoint(*, directory: str | Path, step: int, model_chunks: list, opt
         meta = {"format_version": FORMAT_VERSION, "step": step, "rng": rng,
                 "has_optimizer": optimizer is not None, "has_scheduler": scheduler is not None,
                 "distributed_optimizer": _uses_distributed_optimizer(model_chunks),
-                "distrib_optim_sharding_type": DISTRIB_OPTIM_SHARDING, **_layout()}
+                "distrib_optim_sharding_type": DISTRIB_OPTIM_SHARDING,
+                "vocab_size": true_vocab_size(model_chunks[0]), **_layout()}
         files.write_json_atomic(tmp / files.META, meta)
         files.publish(tmp, keep_last=keep_last)
     _barrier()
@@ -246,6 +246,12 @@ def load_checkpoint(*, directory: str | Path, model_chunks: list, optimizer=None
                              f"(pass optimizer=None to load the model only)")
     if scheduler is not None and not meta.get("has_scheduler"):
         raise ValueError(f"{path}: has no scheduler state; pass scheduler=None")
+    # megatron loads embedding rows with allow_shape_mismatch (vocabulary padding differs per TP),
+    # so only the recorded true vocabulary tells a checkpoint of another tokenizer apart.
+    saved_vocab, vocab = meta.get("vocab_size"), true_vocab_size(model_chunks[0])
+    if saved_vocab is not None and vocab is not None and saved_vocab != vocab:
+        raise ValueError(f"{path}: the embedding was saved for vocab_size={saved_vocab}, this model has "
+                         f"vocab_size={vocab}")
 
     if optimizer is not None:
         _materialize_distributed_optimizer_state(optimizer)

@@ -19,6 +19,8 @@ import re
 import shutil
 from pathlib import Path
 
+from rlad_megatron.atomic import fsync_dir, write_text_atomic
+
 STEP_PREFIX = "step_"
 TMP_PREFIX = "tmp."
 LATEST = "latest"
@@ -37,32 +39,6 @@ def step_of(path: str | Path) -> int | None:
     """The step encoded in a complete-checkpoint directory name, else None."""
     m = _STEP_DIR.match(Path(path).name)
     return int(m.group(1)) if m else None
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename/replace is durable only once the parent directory entry is flushed.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``path`` via a temp file + ``os.replace`` so readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -150,7 +126,7 @@ def publish(tmp: str | Path, *, keep_last: int) -> Path:
         # Saving the same step again (e.g. after a resume): the new one replaces it.
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     write_text_atomic(final.parent / LATEST, final.name + "\n")
     prune(final.parent, keep_last=keep_last)
     return final

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -11,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from rlad_megatron.distributed.compat import apply_cpu_compat
+from rlad_megatron.distributed.groups import ParallelGroups, destroy_model_parallel, initialize_model_parallel
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,28 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> WorldIn
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=timedelta(minutes=timeout_minutes), store=store)
     return WorldInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
+
+
+@contextlib.contextmanager
+def single_process_world() -> Iterator[ParallelGroups]:
+    """A world-size-1 gloo group with TP=1/PP=1 model parallel state, torn down afterwards.
+
+    For tools that build a whole model in one process (the converters). An already initialised
+    one-rank world is reused (its model parallel state is replaced).
+    """
+    created = not dist.is_initialized()
+    world = dist.get_world_size() if not created else world_from_env()[1]
+    if world != 1:
+        raise ValueError(f"expected to run as one process (no torchrun), got world size {world}")
+    saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    if created:
+        init_distributed("cpu")
+    try:
+        yield initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=0)
+    finally:
+        destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)

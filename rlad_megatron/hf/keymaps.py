@@ -1,7 +1,7 @@
 """Templated HF <-> megatron-core key maps for Llama-shaped decoders (Llama, Qwen2, Qwen3).
 
 Megatron names are the full (TP=1, PP=1) layout of ``GPTModel`` with megatron-core's local
-layer spec; :mod:`rlad_megatron.models.sharding` splits that layout per TP/PP rank.
+layer spec; :mod:`rlad_megatron.models.weights` loads that layout into any TP/PP rank.
 
 Two megatron tensors fuse several HF tensors:
 
@@ -141,10 +141,17 @@ def split_fc1(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- Transformer Engine names
 
 
-def local_to_te_name(name: str) -> str:
-    """Megatron local-spec name -> TE-spec name (TE fuses the pre-norms into the next linear)."""
-    if name.endswith(".input_layernorm.weight"):
-        return name.replace(".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight")
-    if name.endswith(".pre_mlp_layernorm.weight"):
-        return name.replace(".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight")
+_TE_NORMS = {".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+             ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight"}
+
+
+def te_to_local_name(name: str) -> str:
+    """TE-spec name -> megatron local-spec name (the full layout's names).
+
+    TE fuses the pre-norms into the next linear; megatron's dist-checkpoint keys use the TE
+    names for both specs.
+    """
+    for local, te in _TE_NORMS.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
     return name

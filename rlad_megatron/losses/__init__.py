@@ -1,6 +1,8 @@
-"""Losses: vocab-parallel log-prob / entropy / forward-KL kernels and the TRRD objective (DESIGN.md 1-2)."""
+"""Losses: vocab-parallel log-prob / entropy / forward-KL kernels and the TRRD numeric helpers (DESIGN.md 1-2).
 
-from rlad_megatron.losses.trrd import rlad_loss
+The objectives built from them (rlad, grpo, kdrl, forward_kl) are in :mod:`rlad_megatron.objectives`.
+"""
+
 from rlad_megatron.losses.vocab_parallel import (
     check_vocab_layout,
     vocab_parallel_forward_kl,
@@ -8,5 +10,5 @@ from rlad_megatron.losses.vocab_parallel import (
     vocab_parallel_logprobs_no_grad,
 )
 
-__all__ = ["check_vocab_layout", "rlad_loss", "vocab_parallel_forward_kl", "vocab_parallel_logprobs",
+__all__ = ["check_vocab_layout", "vocab_parallel_forward_kl", "vocab_parallel_logprobs",
            "vocab_parallel_logprobs_no_grad"]

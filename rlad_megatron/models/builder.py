@@ -7,7 +7,6 @@ local (non-TE) spec otherwise, so the same builder serves CPU tests and GPU jobs
 from __future__ import annotations
 
 import importlib.util
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import unwrap_model
 
 from rlad_megatron.config import ModelSection
 from rlad_megatron.distributed.groups import ParallelGroups
@@ -69,10 +69,18 @@ def transformer_config(section: ModelSection, *, device: torch.device) -> Transf
 def layer_spec(section: ModelSection, *, device: torch.device):
     if device.type == "cuda" and te_available():
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=section.model.qk_layernorm)
-    if device.type == "cuda":
-        warnings.warn("transformer_engine is not installed: using megatron-core's local layer spec",
-                      stacklevel=2)
     return get_gpt_layer_local_spec(qk_layernorm=section.model.qk_layernorm, normalization="RMSNorm")
+
+
+def kernels_line(device: torch.device) -> str:
+    """One line saying which layers and optimizer kernels a run on ``device`` uses (printed once per run;
+    megatron-core's own per-rank copies of this are silenced in ``rlad_megatron/__init__.py``)."""
+    te, apex = te_available(), importlib.util.find_spec("apex") is not None
+    spec = "Transformer Engine layer spec" if device.type == "cuda" and te else "megatron-core local layer spec"
+    adam = "fused Adam (TE/apex)" if te or apex else "torch Adam"
+    missing = [name for name, ok in (("transformer_engine", te), ("apex", apex)) if not ok]
+    note = f" ({' and '.join(missing)} not installed)" if missing else ""
+    return f"kernels: {spec}, {adam}{note}"
 
 
 def build_gpt_model(section: ModelSection, groups: ParallelGroups, *, device: torch.device) -> GPTModel:
@@ -91,7 +99,14 @@ def build_gpt_model(section: ModelSection, groups: ParallelGroups, *, device: to
         rotary_base=int(section.model.rotary_base),
         pg_collection=groups.collection,
     )
+    # GPTModel knows only the padded vocabulary; checkpoints record the true one (see true_vocab_size).
+    model.true_vocab_size = section.model.vocab_size
     return model.to(device)
+
+
+def true_vocab_size(model: torch.nn.Module) -> int | None:
+    """The tokenizer vocabulary a model built by :func:`build_gpt_model` was built for (None otherwise)."""
+    return getattr(unwrap_model(model), "true_vocab_size", None)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -23,6 +23,14 @@ def position_ids_like(tokens_BS: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens_BS.shape[1], device=tokens_BS.device).unsqueeze(0).expand_as(tokens_BS)
 
 
+def shift_left(x_BS: torch.Tensor, fill) -> torch.Tensor:
+    """``x[:, t + 1]`` at position ``t``, ``fill`` in the last column: per-token targets aligned with
+    the logits (the logits at ``t`` predict token ``t + 1``)."""
+    out = torch.full_like(x_BS, fill)
+    out[:, :-1] = x_BS[:, 1:]
+    return out
+
+
 def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool,
                  device: torch.device) -> list[dict]:
     """Forward (and backward unless ``forward_only``) over ``micro_batches``; returns the metric dicts

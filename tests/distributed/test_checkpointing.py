@@ -101,7 +101,7 @@ def _resume_case(rank, world_size, tp, pp, use_do, save_dir, batches, reshard_to
     from rlad_megatron.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlad_megatron.config import Config
     from rlad_megatron.distributed import initialize_model_parallel
-    from rlad_megatron.models.sharding import model_state_dict
+    from rlad_megatron.models.weights import model_state_dict
 
     section = _section(tp, pp, use_do=use_do)
     groups = initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=5)
@@ -137,7 +137,7 @@ def _reshard(path, tp, pp):
 
     from rlad_megatron.checkpointing import load_checkpoint
     from rlad_megatron.distributed import initialize_model_parallel
-    from rlad_megatron.models.sharding import model_state_dict
+    from rlad_megatron.models.weights import model_state_dict
 
     groups = initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=5)
     model, opt, sched = _build(_section(tp, pp), groups, seed=123)
@@ -214,7 +214,7 @@ def test_resume_is_bit_exact(runs, layout):
 
 
 def _gather(shards, key, tp, pp):
-    from rlad_megatron.models.sharding import unshard_state_dicts
+    from rlad_megatron.hf.rank_layout import unshard_state_dicts
 
     by_rank = {(r["tp_rank"], r["pp_rank"]): r[key] for r in shards if r["dp_rank"] == 0}
     return unshard_state_dicts(by_rank, tp_size=tp, pp_size=pp, num_layers=LAYERS)

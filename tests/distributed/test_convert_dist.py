@@ -31,9 +31,10 @@ LAYOUTS = [("same_rows", 2, 1, 100, 400), ("more_rows", 2, 1, 256, 512), ("fewer
 def _run(rank, world_size, sources, tokens_BS):
     from rlad_megatron.config import ModelSection, ParallelConfig
     from rlad_megatron.distributed import initialize_model_parallel
-    from rlad_megatron.hf import load_megatron_weights, read_checkpoint_config
-    from rlad_megatron.hf.equivalence import megatron_logits
+    from rlad_megatron.hf import read_checkpoint_config
     from rlad_megatron.models.builder import build_gpt_model
+    from rlad_megatron.models.equivalence import megatron_logits
+    from rlad_megatron.models.weights import load_weights
 
     out, errors = {}, {}
     for name, tp, pp, divisible_by, _ in LAYOUTS:
@@ -46,7 +47,7 @@ def _run(rank, world_size, sources, tokens_BS):
             section.model.make_vocab_size_divisible_by = divisible_by
             model = build_gpt_model(section, groups, device=torch.device("cpu"))
             try:
-                load_megatron_weights(model, path, groups)
+                load_weights(model, path, groups)
             except ValueError as e:
                 errors[key] = str(e)
                 continue
@@ -57,8 +58,8 @@ def _run(rank, world_size, sources, tokens_BS):
 
 
 def test_dist_checkpoint_loads_at_other_layouts(tmp_path):
-    from rlad_megatron.hf.equivalence import compare_logits, hf_logits
-    from rlad_megatron.hf.load import dist_checkpoint_path
+    from rlad_megatron.hf.checkpoint import dist_checkpoint_path
+    from rlad_megatron.models.equivalence import compare_logits, hf_logits
 
     hf_dir = save_tiny_hf(tmp_path / "hf", "llama")
     meg = tmp_path / "meg"

@@ -23,9 +23,10 @@ BATCH, SEQ = 2, 10
 def _run(rank, world_size, sources, tokens_BS):
     from rlad_megatron.config import ModelSection, ParallelConfig
     from rlad_megatron.distributed import initialize_model_parallel
-    from rlad_megatron.hf import load_megatron_weights, read_checkpoint_config
-    from rlad_megatron.hf.equivalence import megatron_logits
+    from rlad_megatron.hf import read_checkpoint_config
     from rlad_megatron.models.builder import build_gpt_model
+    from rlad_megatron.models.equivalence import megatron_logits
+    from rlad_megatron.models.weights import load_weights
 
     out = {}
     for tp, pp in LAYOUTS:
@@ -37,7 +38,7 @@ def _run(rank, world_size, sources, tokens_BS):
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
             section.model.make_vocab_size_divisible_by = 100
             model = build_gpt_model(section, groups, device=torch.device("cpu"))
-            load_megatron_weights(model, path, groups)
+            load_weights(model, path, groups)
             logits = megatron_logits(model, groups, tokens_BS, vocab_size=VOCAB, micro_batch_size=1)
             if logits is not None and groups.tp_rank == 0:
                 out[(*key, tp, pp)] = (logits, section.padded_vocab_size)
@@ -45,8 +46,8 @@ def _run(rank, world_size, sources, tokens_BS):
 
 
 def test_converted_models_match_hf_logits(tmp_path):
-    from rlad_megatron.hf import convert_hf_to_megatron
-    from rlad_megatron.hf.equivalence import compare_logits, hf_logits
+    from rlad_megatron.conversion import convert_hf_to_megatron
+    from rlad_megatron.models.equivalence import compare_logits, hf_logits
 
     tokens_BS = torch.randint(0, VOCAB, (BATCH, SEQ))
     sources, reference = {}, {}

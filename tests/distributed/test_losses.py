@@ -114,7 +114,8 @@ def _check_megatron_ce(groups, lo, hi, inputs):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from rlad_megatron.config import DistillConfig
-    from rlad_megatron.losses import rlad_loss, vocab_parallel_logprobs
+    from rlad_megatron.losses import vocab_parallel_logprobs
+    from tests.helpers import objective_loss
 
     logits, target, _, _ = inputs[0]
     target = target.clamp(0, PADDED - 1)  # megatron has no notion of padding: all ids are real here
@@ -127,8 +128,8 @@ def _check_megatron_ce(groups, lo, hi, inputs):
             lp = vocab_parallel_logprobs(ours_in, target, tp_group=groups.tp, vocab_size=PADDED)
             cfg = DistillConfig(objective="rlad", alpha=1.0, loss_agg="token_mean", eps_low=0.5, eps_high=0.5)
             adv = torch.full((target.shape[0],), adv_sign)
-            loss, metrics = rlad_loss(lp_s=lp, lp_old=lp.detach(), lp_t=lp.detach() - 0.3, advantages=adv,
-                                      mask=torch.ones_like(target, dtype=torch.bool), cfg=cfg, num_tokens=1)
+            loss, metrics = objective_loss(lp_s=lp, lp_old=lp.detach(), lp_t=lp.detach() - 0.3, advantages=adv,
+                                           mask=torch.ones_like(target, dtype=torch.bool), cfg=cfg, num_tokens=1)
             assert metrics["clip_frac_low"] == 0 and metrics["clip_frac_high"] == 0
             loss.backward()
             # loss = -J; with A = -1 the objective J's gradient is CE's, with A = +1 the loss's is.

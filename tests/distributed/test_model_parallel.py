@@ -28,14 +28,13 @@ def _run(rank, world_size, tp, pp, tied, full_sd, tokens, weights):
 
     from rlad_megatron.distributed import initialize_model_parallel
     from rlad_megatron.models.builder import build_gpt_model
-    from rlad_megatron.models.sharding import load_shard, model_state_dict, shard_state_dict
+    from rlad_megatron.models.weights import load_state, model_state_dict
 
     section = _section(tp, pp, tied)
     groups = initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=7)
     model = build_gpt_model(section, groups, device=torch.device("cpu"))
     if full_sd is not None:
-        load_shard(model, shard_state_dict(full_sd, tp_rank=groups.tp_rank, tp_size=tp, pp_rank=groups.pp_rank,
-                                           pp_size=pp, num_layers=2, tied_embeddings=tied))
+        load_state(model, full_sd)
     vocab_local = section.padded_vocab_size // tp
     lo = groups.tp_rank * vocab_local
     logits_out = []
@@ -64,7 +63,7 @@ def _run(rank, world_size, tp, pp, tied, full_sd, tokens, weights):
 
 
 def _gather(results, tp, pp, key, tied):
-    from rlad_megatron.models.sharding import unshard_state_dicts
+    from rlad_megatron.hf.rank_layout import unshard_state_dicts
 
     shards = {(r["tp_rank"], r["pp_rank"]): r[key] for r in results}
     return unshard_state_dicts(shards, tp_size=tp, pp_size=pp, num_layers=2, tied_embeddings=tied)

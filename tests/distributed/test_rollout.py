@@ -73,14 +73,13 @@ def _check_logprobs(model, batch) -> None:
 def _run(rank, world_size, tp, pp, full_sd, prompts, seed):
     from rlad_megatron.distributed import initialize_model_parallel
     from rlad_megatron.models.builder import build_gpt_model
-    from rlad_megatron.models.sharding import load_shard, model_state_dict, shard_state_dict
+    from rlad_megatron.models.weights import load_state, model_state_dict
     from rlad_megatron.rl.rollout import generate
 
     groups = initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=seed)
     model = build_gpt_model(_section(tp, pp), groups, device=torch.device("cpu"))
     if full_sd is not None:
-        load_shard(model, shard_state_dict(full_sd, tp_rank=groups.tp_rank, tp_size=tp, pp_rank=groups.pp_rank,
-                                           pp_size=pp, num_layers=NUM_LAYERS))
+        load_state(model, full_sd)
     model.train()  # generate() must switch to eval itself and restore this
 
     def gen(**kw):

@@ -91,7 +91,7 @@ def test_sampling_reports_pass_at_k_and_is_reproducible(model_dir, tmp_path):
     (["--samples", "2"], "--samples: greedy decoding"),
     (["--limit", "0"], "--limit: expected >= 1, got 0"),
     (["--top-p", "1.5"], "--top-p: expected in (0, 1], got 1.5"),
-    (["--student.model.load=null"], "--load: expected weights to evaluate"),
+    (["--student.load=null"], "--load: expected weights to evaluate"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message):
     proc = _run(args)

@@ -1,5 +1,5 @@
 """A training checkpoint (TP=2) is usable as weights: `megatron_to_hf.py` exports it to an HF
-directory whose logits equal the trained model's, and `<model>.model.load` starts a run from it."""
+directory whose logits equal the trained model's, and `<model>.load` starts a run from it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.test_train_loop import ROOT, _overrides
 from tests.harness import run_distributed
 
+ROOT = Path(__file__).resolve().parents[2]
 TOKENS = torch.tensor([[1, 5, 9, 3, 7, 2, 4], [2, 2, 8, 6, 1, 3, 5]])
 
 
@@ -24,7 +24,7 @@ def _train_and_logits(rank, world_size, overrides):
 
     trainer = Trainer(load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml", overrides), init_distributed("cpu"))
     trainer.train()
-    model = trainer.model.module
+    model = trainer.student.policy
     model.eval()
     with torch.no_grad():
         return model(TOKENS, position_ids_like(TOKENS), None)  # this rank's vocab shard [B, S, V/TP]
@@ -33,23 +33,21 @@ def _train_and_logits(rank, world_size, overrides):
 def _load_and_logits(rank, world_size, load: str):
     from rlad_megatron.config import load_config
     from rlad_megatron.distributed import initialize_model_parallel
-    from rlad_megatron.hf.load import load_megatron_weights
-    from rlad_megatron.models.builder import build_gpt_model
     from rlad_megatron.models.forward import position_ids_like
+    from rlad_megatron.models.weights import build_model
 
-    cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml", [f"--student.model.load={load}"])
+    cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml", [f"--student.load={load}"])
     groups = initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=0)
-    model = build_gpt_model(cfg.student, groups, device=torch.device("cpu"))
-    load_megatron_weights(model, load, groups)
+    model = build_model(cfg.student, groups, device=torch.device("cpu"))
     model.eval()
     with torch.no_grad():
         return model(TOKENS, position_ids_like(TOKENS), None)
 
 
-def test_training_checkpoint_exports_to_hf_and_loads_as_weights(tmp_path):
+def test_training_checkpoint_exports_to_hf_and_loads_as_weights(tmp_path, rl_overrides):
     from transformers import AutoModelForCausalLM
 
-    shards = run_distributed(_train_and_logits, 2, args=(_overrides(tmp_path, 2, 1, "run", "grpo"),))
+    shards = run_distributed(_train_and_logits, 2, args=(rl_overrides(tmp_path, 2, 1, "run", "grpo"),))
     vocab = 32
     trained = torch.cat(shards, dim=-1)[..., :vocab]
     save_dir = tmp_path / "ckpt"
@@ -64,13 +62,13 @@ def test_training_checkpoint_exports_to_hf_and_loads_as_weights(tmp_path):
         hf_logits = hf(TOKENS).logits
     torch.testing.assert_close(hf_logits, trained, rtol=0, atol=1e-4)
 
-    # The newest step dir of the save dir, as `student.model.load` reads it (here at TP=1).
+    # The newest step dir of the save dir, as `student.load` reads it (here at TP=1).
     (loaded,) = run_distributed(_load_and_logits, 1, args=(str(save_dir),))
     torch.testing.assert_close(loaded[..., :vocab], trained, rtol=0, atol=1e-4)
 
 
 def test_a_checkpoint_without_any_model_config_is_refused(tmp_path):
-    from rlad_megatron.hf.dist import dist_checkpoint_config
+    from rlad_megatron.hf.checkpoint import dist_checkpoint_config
 
     step = tmp_path / "step_0000001"
     step.mkdir()
@@ -81,7 +79,7 @@ def test_a_checkpoint_without_any_model_config_is_refused(tmp_path):
 
 
 def test_a_training_config_without_student_model_is_named(tmp_path):
-    from rlad_megatron.hf.dist import dist_checkpoint_config
+    from rlad_megatron.hf.checkpoint import dist_checkpoint_config
 
     step = tmp_path / "step_0000001"
     step.mkdir()

@@ -42,6 +42,7 @@ def _install_kill(spec: str) -> None:
     """Wrap library functions so this process SIGKILLs itself at ``<point>@<step>``."""
     import megatron.core.dist_checkpointing as dcp
 
+    import rlad_megatron.rl.train_module as train_module
     import rlad_megatron.trainer as trainer_mod
     from rlad_megatron.checkpointing import files
 
@@ -77,7 +78,7 @@ def _install_kill(spec: str) -> None:
             return out
         return wrapped
 
-    save = trainer_mod.save_checkpoint
+    save = train_module.save_checkpoint
 
     def tracking_save(*args, **kwargs):
         state["step"] = kwargs["step"]
@@ -89,9 +90,10 @@ def _install_kill(spec: str) -> None:
         state["step"] = self.step + 1
         return train_step(self)
 
-    trainer_mod.save_checkpoint = tracking_save
+    train_module.save_checkpoint = tracking_save
     trainer_mod.Trainer.train_step = tracking_train_step
-    trainer_mod.train_mini_batch = before(trainer_mod.train_mini_batch, "update")
+    module = train_module.StudentTrainModule
+    module.train_mini_batch = before(module.train_mini_batch, "update")
     files.prepare_tmp_dir = after(files.prepare_tmp_dir, "tmp_dir_created")
     dcp.save = after(dcp.save, "tensors_written")
     files.publish = before(files.publish, "before_publish")
@@ -103,16 +105,9 @@ def _install_kill(spec: str) -> None:
 # ---------------------------------------------------------------- test side
 
 
-def _easy_task(tmp: Path) -> Path:
-    from rlad_megatron.data import write_jsonl
-
-    rows = [{"question": f"{a}+{b}=", "answer": f"#### {a + b}"} for a in range(5) for b in range(5)]
-    return write_jsonl(tmp / "easy.jsonl", rows)
-
-
 def _overrides(tmp: Path, run: str, *, tp: int) -> list[str]:
     return [
-        "--student.model.load=null", "--teacher.model.load=null", "--teacher.model.num_layers=2",
+        "--student.load=null", "--teacher.load=null", "--teacher.model.num_layers=2",
         f"--student.parallel.tensor_model_parallel_size={tp}", f"--teacher.parallel.tensor_model_parallel_size={tp}",
         f"--data.train_path={tmp / 'easy.jsonl'}", "--data.eval_path=null", "--train.eval_interval=0",
         "--rl.prompts_per_step=4", "--rl.group_size=4", "--rl.mini_batch_size=8", "--rl.micro_batch_size=4",
@@ -213,12 +208,12 @@ CHAIN = [
 ]
 
 
-def test_sigkill_during_checkpoint_save_resumes_exactly(tmp_path):
-    _easy_task(tmp_path)
+def test_sigkill_during_checkpoint_save_resumes_exactly(tmp_path, easy_task):
+    easy_task(tmp_path)
     # The uninterrupted reference runs concurrently with the chain (its own checkpoint dir).
     ref_tmp = tmp_path / "ref"
     ref_tmp.mkdir()
-    _easy_task(ref_tmp)
+    easy_task(ref_tmp)
     reference = _start(_train_cmd(ref_tmp, "run"), _env(), ref_tmp / "run.log")
 
     resume_from = 0
@@ -262,8 +257,8 @@ def test_sigkill_during_checkpoint_save_resumes_exactly(tmp_path):
     assert latest == f"step_{STEPS:07d}" and f"step_{STEPS:07d}" in names, (latest, names)
 
 
-def test_torchrun_restarts_after_a_rank_is_killed(tmp_path):
-    _easy_task(tmp_path)
+def test_torchrun_restarts_after_a_rank_is_killed(tmp_path, easy_task):
+    easy_task(tmp_path)
     kill_step = 3  # rank 1 dies inside step 3's update, after step 2's checkpoint
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", "1", "--monitor-interval", "0.5", *_train_cmd(tmp_path, "run", tp=2)[1:]]

@@ -26,13 +26,15 @@ from pathlib import Path
 
 import pytest
 
+from rlad_megatron.distributed.init import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "launch" / "cluster"
 TINY_CONFIG = REPO / "launch" / "configs" / "tiny_cpu.yaml"
 JOB_TIMEOUT_S = 300
 # Small enough that two steps take seconds on 2 CPU cores; from scratch (no SFT checkpoint needed).
 TRAINER_OVERRIDES = (
-    "--train.steps=2", "--student.model.load=null", "--teacher.model.load=null",
+    "--train.steps=2", "--student.load=null", "--teacher.load=null",
     "--rl.prompts_per_step=4", "--rl.group_size=4", "--rl.mini_batch_size=16", "--rl.micro_batch_size=8",
     "--optimizer.warmup_steps=1", "--train.eval_interval=0", "--checkpoint.save_interval=0",
     "--logging.progress_bar=false",
@@ -51,16 +53,10 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _free_port_pair() -> int:
     """A port p with p and p + 1 both free (the two slurmd)."""
     for _ in range(50):
-        p = _free_port()
+        p = free_port()
         try:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", p + 1))
@@ -168,7 +164,7 @@ def _kill_group(pid: int) -> None:
 def slurm_cluster(packages, tmp_path_factory):
     """A two-node Slurm on localhost; yields the environment (SLURM_CONF) for sbatch/scontrol."""
     state = tmp_path_factory.mktemp("slurm")
-    env = _clean_env(SLURMCTLD_PORT=str(_free_port()), SLURMD_PORT=str(_free_port_pair()),
+    env = _clean_env(SLURMCTLD_PORT=str(free_port()), SLURMD_PORT=str(_free_port_pair()),
                      SLURM_CONF=str(state / "slurm.conf"))
     script = str(CLUSTER / "slurm_local.sh")
     try:
@@ -202,7 +198,7 @@ def _wait_for_job(job_id: str, *, env: dict[str, str], timeout: float) -> tuple[
 
 def test_slurm_sbatch_two_nodes(slurm_cluster, entry, tmp_path):
     env = {**slurm_cluster, "PYTHON": sys.executable, "CONFIG": entry.config, "ENTRY": entry.entry,
-           "RDZV_PORT": str(_free_port()), "LOG_ROOT": str(tmp_path / "logs")}
+           "RDZV_PORT": str(free_port()), "LOG_ROOT": str(tmp_path / "logs")}
     submit = _run(["sbatch", "--parsable", "--nodes=2", "--job-name=rladtest", f"--output={tmp_path}/slurm-%j.out",
                    "launch/slurm.sbatch", *entry.args], env=env, timeout=60)
     assert submit.returncode == 0, submit.stderr

@@ -34,20 +34,20 @@ def _cosines(rank, world_size, tmp: Path):
     from rlad_megatron.rl.advantages import grpo_advantages
     from rlad_megatron.rl.experience import build_experience
     from rlad_megatron.rl.rollout import generate
-    from rlad_megatron.rl.update import make_loss_fn
+    from rlad_megatron.rl.train_module import make_loss_fn
     from rlad_megatron.trainer import Trainer
 
     data = write_jsonl(tmp / f"one_{rank}.jsonl", [{"question": "3+4=", "answer": "#### 7"}])
     cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml", [
         f"--student.parallel.tensor_model_parallel_size={world_size}",
         f"--teacher.parallel.tensor_model_parallel_size={world_size}",
-        "--student.model.load=null", "--teacher.model.load=null", f"--data.train_path={data}",
+        "--student.load=null", "--teacher.load=null", f"--data.train_path={data}",
         "--data.eval_path=null", "--train.eval_interval=0", "--distill.objective=grpo",
         "--rl.prompts_per_step=1", f"--rl.group_size={GROUP}", f"--rl.mini_batch_size={GROUP}",
         f"--rl.micro_batch_size={MICRO}", "--rl.max_new_tokens=1", f"--logging.run_dir={tmp / f'run_{rank}'}",
         "--checkpoint.save_dir=null", "--logging.progress_bar=false"])
     trainer = Trainer(cfg, init_distributed("cpu"))
-    ddp, model, tok = trainer.model, trainer.model.module, trainer.tokenizer
+    ddp, model, tok = trainer.student.model, trainer.student.policy, trainer.tokenizer
     prompt = list(trainer.train_data.examples[0].prompt_ids)
     # Half of the real vocabulary, so a random model gets E[r] near 1/2 (most signal per sample).
     rewarded = torch.arange(0, tok.vocab_size, 2)
@@ -61,7 +61,7 @@ def _cosines(rank, world_size, tmp: Path):
     model.eval()
     logits = model(tokens, position_ids_like(tokens), None)[:, -1:]
     p_s = torch.stack([vocab_parallel_logprobs(logits, torch.full((1, 1), int(s)), tp_group=trainer.groups.tp,
-                                               vocab_size=trainer.vocab_size).exp().sum() for s in rewarded])
+                                               vocab_size=trainer.objective.vocab_size).exp().sum() for s in rewarded])
     expected_reward = p_s.sum()
     ddp.zero_grad_buffer()
     (-expected_reward).backward()  # the loss gradient points away from the reward
@@ -70,7 +70,7 @@ def _cosines(rank, world_size, tmp: Path):
 
     gen = torch.Generator().manual_seed(1234)
     rollout = generate(model=model, groups=trainer.groups, prompts=[prompt] * GROUP, max_new_tokens=1,
-                       temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=trainer.vocab_size,
+                       temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=trainer.objective.vocab_size,
                        generator=gen)
     first = rollout.tokens_BL[torch.arange(GROUP), rollout.prompt_lengths_B]
     hits = torch.isin(first, rewarded).double()
@@ -81,7 +81,7 @@ def _cosines(rank, world_size, tmp: Path):
         exp = build_experience(rollout, adv.advantages_N, pad_id=tok.pad_id)
         ddp.zero_grad_buffer()
         run_schedule(model=ddp, micro_batches=split_micro_batches(exp.rows(torch.arange(GROUP)), MICRO),
-                     loss_fn=make_loss_fn(cfg=cfg.distill, tp_group=trainer.groups.tp, vocab_size=trainer.vocab_size),
+                     loss_fn=make_loss_fn(trainer.objective),
                      forward_only=False, device=trainer.device)
         out[name] = float(torch.nn.functional.cosine_similarity(local_grad(), exact, dim=0))
     return out

@@ -16,40 +16,19 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 
 
-def _easy_task(tmp: Path) -> Path:
-    """Single-digit sums: a random tiny model gets some right, so GRPO groups carry signal."""
-    from rlad_megatron.data import write_jsonl
-
-    rows = [{"question": f"{a}+{b}=", "answer": f"#### {a + b}"} for a in range(5) for b in range(5)]
-    return write_jsonl(tmp / "easy.jsonl", rows)
-
-
-def _overrides(tmp: Path, tp: int, pp: int, run: str, objective: str) -> list[str]:
-    return [
-        f"--student.parallel.tensor_model_parallel_size={tp}", f"--student.parallel.pipeline_model_parallel_size={pp}",
-        f"--teacher.parallel.tensor_model_parallel_size={tp}", f"--teacher.parallel.pipeline_model_parallel_size={pp}",
-        "--student.model.load=null", "--teacher.model.load=null", "--teacher.model.num_layers=2",
-        f"--data.train_path={_easy_task(tmp)}", "--data.eval_path=null", "--train.eval_interval=0",
-        "--rl.prompts_per_step=4", "--rl.group_size=4", "--rl.mini_batch_size=8", "--rl.micro_batch_size=4",
-        "--rl.max_new_tokens=3", "--optimizer.lr=1e-2", "--optimizer.warmup_steps=0",
-        f"--distill.objective={objective}", f"--train.steps={STEPS}", "--logging.progress_bar=false",
-        f"--logging.run_dir={tmp / run}", f"--checkpoint.save_dir={tmp / 'ckpt'}", "--checkpoint.save_interval=2",
-    ]
-
-
 def _train(rank, world_size, overrides, resume):
     from rlad_megatron.config import load_config
     from rlad_megatron.distributed.init import init_distributed
-    from rlad_megatron.models.sharding import model_state_dict
+    from rlad_megatron.models.weights import model_state_dict
     from rlad_megatron.trainer import Trainer
 
     cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml",
                       overrides + [f"--checkpoint.resume={'true' if resume else 'false'}"])
     trainer = Trainer(cfg, init_distributed("cpu"))
-    before = model_state_dict(trainer.model.module)
+    before = model_state_dict(trainer.student.policy)
     start = trainer.step
     trainer.train()
-    after = model_state_dict(trainer.model.module)
+    after = model_state_dict(trainer.student.policy)
     moved = any(not torch.equal(before[k], after[k]) for k in before)
     return {"start": start, "moved": moved}
 
@@ -68,8 +47,8 @@ def _tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_rlad_steps_resume_exactly(tmp_path, tp, pp):
-    overrides = _overrides(tmp_path, tp, pp, "full", "rlad")
+def test_rlad_steps_resume_exactly(tmp_path, tp, pp, rl_overrides):
+    overrides = rl_overrides(tmp_path, tp, pp, "full", "rlad", steps=STEPS)
     results = run_distributed(_train, tp * pp, args=(overrides, False))
     assert all(r["moved"] for r in results), "the student's parameters did not change"
     full = _losses(tmp_path / "full")
@@ -87,7 +66,7 @@ def test_rlad_steps_resume_exactly(tmp_path, tp, pp):
     assert ckpts and ckpts[-1].endswith(str(STEPS)), ckpts
     # Drop the last checkpoint so that resuming starts from step 2, then replay steps 3-4.
     _drop_checkpoints_after(tmp_path / "ckpt", 2)
-    resumed_overrides = _overrides(tmp_path, tp, pp, "resumed", "rlad")
+    resumed_overrides = rl_overrides(tmp_path, tp, pp, "resumed", "rlad", steps=STEPS)
     results = run_distributed(_train, tp * pp, args=(resumed_overrides, True))
     assert {r["start"] for r in results} == {2}
     resumed = _losses(tmp_path / "resumed")
@@ -123,9 +102,10 @@ def _one_step_each(rank, world_size, base_overrides):
     return out
 
 
-def test_baseline_objectives_run_with_reference(tmp_path):
+def test_baseline_objectives_run_with_reference(tmp_path, rl_overrides):
     """grpo, kdrl and forward_kl (with a k3 KL to the reference) each train a step at TP=2."""
-    (metrics, _) = run_distributed(_one_step_each, 2, args=(_overrides(tmp_path, 2, 1, "objectives", "grpo"),))
+    overrides = rl_overrides(tmp_path, 2, 1, "objectives", "grpo", steps=STEPS)
+    (metrics, _) = run_distributed(_one_step_each, 2, args=(overrides,))
     for objective, m in metrics.items():
         assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]), (objective, m)
         assert math.isfinite(m["kl_ref"]), (objective, m)

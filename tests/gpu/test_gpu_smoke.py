@@ -61,8 +61,8 @@ def test_trainer_checkpoint_resumes_on_cuda_with_nccl(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "TORCHELASTIC_"))}
     base = [sys.executable, "-m", "rlad_megatron.train", "--config", str(root / "launch" / "configs" / "tiny_cpu.yaml"),
             "--train.device=cuda", "--student.parallel.tensor_model_parallel_size=1",
-            "--teacher.parallel.tensor_model_parallel_size=1", "--student.model.load=null",
-            "--teacher.model.load=null", "--train.steps=4", "--checkpoint.save_interval=2", "--train.eval_interval=0",
+            "--teacher.parallel.tensor_model_parallel_size=1", "--student.load=null",
+            "--teacher.load=null", "--train.steps=4", "--checkpoint.save_interval=2", "--train.eval_interval=0",
             "--logging.progress_bar=false", f"--checkpoint.save_dir={tmp_path / 'ckpt'}"]
 
     def losses(run: str, *extra: str) -> dict[int, float]:

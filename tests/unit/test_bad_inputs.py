@@ -297,7 +297,8 @@ def _hf(mutate: Callable[[Path], None], *needles: str, convert: bool = False, na
         **convert_kwargs) -> Make:
     """Copy the tiny HF directory, break it with ``mutate``, then read (or convert) it."""
     def make(tmp: Path):
-        from rlad_megatron.hf import convert_hf_to_megatron, read_hf_checkpoint
+        from rlad_megatron.conversion import convert_hf_to_megatron
+        from rlad_megatron.hf import read_hf_checkpoint
 
         d = tmp / "hf"
         shutil.copytree(make.base, d)
@@ -437,7 +438,7 @@ def test_random_bytes_never_escape_as_raw_errors(tmp_path):
 
 # ---------------------------------------------------------------- checkpoints (need a model: one process)
 #
-# Converted megatron directories and HF directories through load_megatron_weights, and training
+# Converted megatron directories and HF directories through load_weights, and training
 # checkpoints through checkpointing.load_checkpoint. Every case runs in ONE world-size-1 process;
 # the parent asserts each outcome separately.
 
@@ -458,10 +459,10 @@ def _yaml_edit(path: Path, **changes):
 
 
 def _weights_cases(tmp: Path, hf_dir: Path) -> list[tuple[str, Path, dict, type, list[str]]]:
-    """(name, checkpoint path, model overrides, error, needles) for load_megatron_weights."""
+    """(name, checkpoint path, model overrides, error, needles) for load_weights."""
     from safetensors.torch import load_file, save_file
 
-    from rlad_megatron.hf import convert_hf_to_megatron
+    from rlad_megatron.conversion import convert_hf_to_megatron
 
     def converted(name: str, **kwargs) -> Path:
         out = tmp / name
@@ -567,8 +568,8 @@ def _checkpoint_worker(rank, world_size, tmp: Path, hf_dir: Path):
     from rlad_megatron.checkpointing import load_checkpoint, save_checkpoint
     from rlad_megatron.config import OptimizerConfig
     from rlad_megatron.distributed import initialize_model_parallel
-    from rlad_megatron.hf import load_megatron_weights
     from rlad_megatron.models.builder import build_gpt_model
+    from rlad_megatron.models.weights import load_weights
     from rlad_megatron.optim import build_optimizer, wrap_ddp
 
     groups = initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=5)
@@ -604,7 +605,7 @@ def _checkpoint_worker(rank, world_size, tmp: Path, hf_dir: Path):
 
     results = []
     for name, path, changes, error, needles in _weights_cases(tmp, hf_dir):
-        results.append(outcome(name, error, needles, load_megatron_weights, build(**changes), path, groups))
+        results.append(outcome(name, error, needles, load_weights, build(**changes), path, groups))
     for name, path, changes, error, needles in _train_ckpt_cases(tmp, build, save):
         model, opt, sched = trainable(**changes)
         results.append(outcome(name, error, needles, load_checkpoint, directory=path, model_chunks=[model],
@@ -644,11 +645,7 @@ def checkpoint_outcomes(tmp_path_factory, hf_base) -> dict[str, dict]:
 
 
 # Inputs still accepted silently (xfail with the reason); once fixed the test passes: drop the entry.
-KNOWN_GAPS = {
-    "ckpt_other_vocab": "megatron shards the embedding/output layer with allow_shape_mismatch (vocab padding), "
-                        "so a checkpoint of another vocabulary size loads without an error; checkpointing should "
-                        "record vocab_size in meta.json and compare it on load",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _problems(r: dict) -> list[str]:

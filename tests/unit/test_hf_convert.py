@@ -10,13 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlad_megatron.config import ModelConfig
-from rlad_megatron.hf import (
-    convert_hf_to_megatron,
-    convert_megatron_to_hf,
-    hf_config_from_model,
-    model_config_from_hf,
-    read_megatron_checkpoint,
-)
+from rlad_megatron.conversion import convert_hf_to_megatron, convert_megatron_to_hf, read_megatron_checkpoint
+from rlad_megatron.hf import hf_config_from_model, model_config_from_hf
 from rlad_megatron.hf.keymaps import fuse_qkv, split_qkv
 from tests.unit.hf_fixtures import VOCAB, save_tiny_hf
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from rlad_megatron.config import Config, DistillConfig
-from rlad_megatron.losses import rlad_loss, vocab_parallel_logprobs
+from rlad_megatron.losses import vocab_parallel_logprobs
 from tests.harness import run_distributed
+from tests.helpers import objective_loss
 
 B, S = 6, 7
 INF = math.inf
@@ -68,7 +69,7 @@ def test_loss_and_grads_finite_for_extreme_logprobs(dtype, lp_old_value, lp_t_va
         lp_t_value = -30.0
     x = _finite_case(dtype, lp_old_value=lp_old_value, lp_t_value=lp_t_value, lp_s_scale=3.0)
     cfg = DistillConfig(**variant)
-    loss, metrics = rlad_loss(cfg=cfg, **x)
+    loss, metrics = objective_loss(cfg=cfg, **x)
     (grad,) = torch.autograd.grad(loss, x["lp_s"])
     assert torch.isfinite(loss), (variant, loss.item())
     assert torch.isfinite(grad).all(), (variant, grad)
@@ -82,8 +83,8 @@ def test_zero_advantage_with_overflowing_ratio_regression():
     lp_s = torch.zeros(2, 3, requires_grad=True)
     lp_old = torch.full((2, 3), -1e30)
     for adv in (torch.zeros(2), torch.tensor([1.0, -1.0])):
-        loss, _ = rlad_loss(lp_s=lp_s, lp_old=lp_old, lp_t=lp_old, advantages=adv, mask=torch.ones(2, 3, dtype=bool),
-                            cfg=DistillConfig())
+        loss, _ = objective_loss(lp_s=lp_s, lp_old=lp_old, lp_t=lp_old, advantages=adv,
+                                 mask=torch.ones(2, 3, dtype=bool), cfg=DistillConfig())
         (grad,) = torch.autograd.grad(loss, lp_s)
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), (adv, loss, grad)
 
@@ -134,7 +135,7 @@ def _optimizer_steps(rank, world_size, bad_value):
     from rlad_megatron.distributed import initialize_model_parallel
     from rlad_megatron.models.builder import build_gpt_model
     from rlad_megatron.optim import build_optimizer, wrap_ddp
-    from rlad_megatron.rl.update import guarded_optimizer_step
+    from rlad_megatron.rl.train_module import guarded_optimizer_step
 
     groups = initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=3)
     section = ModelSection(model=ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2,

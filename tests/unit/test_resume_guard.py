@@ -17,7 +17,7 @@ def _trainer(overrides):
 def test_resume_rejects_another_student(tmp_path):
     save_config(load_config(None, ["--student.model.vocab_size=200", "--teacher.model.vocab_size=200"]), tmp_path)
     _trainer(["--student.model.vocab_size=200", "--teacher.model.vocab_size=200",
-              "--student.model.load=elsewhere"])._check_same_student(tmp_path)  # same model: fine
+              "--student.load=elsewhere"])._check_same_student(tmp_path)  # same model: fine
     with pytest.raises(ValueError, match=r"config\.yaml: checkpoint was saved with student\.model\.vocab_size=200, "
                                          r"this run has 250"):
         _trainer(["--student.model.vocab_size=250", "--teacher.model.vocab_size=250"])._check_same_student(tmp_path)

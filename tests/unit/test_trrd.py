@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlad_megatron.config import DistillConfig
-from rlad_megatron.losses import rlad_loss
+from tests.helpers import objective_loss
 
 B, S = 6, 9
 F64 = torch.float64
@@ -88,7 +88,7 @@ CONFIGS = [
 def test_matches_float64_reference(overrides):
     cfg = DistillConfig(**overrides)
     x = _inputs()
-    loss, metrics = rlad_loss(cfg=cfg, **x)
+    loss, metrics = objective_loss(cfg=cfg, **x)
     ref = _ref_loss(cfg=cfg, **x)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(_grad(loss, x["lp_s"]), _grad(ref, x["lp_s"]), rtol=1e-10, atol=1e-12)
@@ -110,8 +110,8 @@ def test_matches_float64_reference(overrides):
 def test_alpha_one_is_grpo_bitwise(gates):
     x = _inputs()
     x["advantages"] = torch.randn(B, S, dtype=F64)  # per-token advantages take the same path
-    loss_rlad, _ = rlad_loss(cfg=DistillConfig(objective="rlad", alpha=1.0, **gates), **x)
-    loss_grpo, _ = rlad_loss(cfg=DistillConfig(objective="grpo", **gates), **{**x, "lp_t": None})
+    loss_rlad, _ = objective_loss(cfg=DistillConfig(objective="rlad", alpha=1.0, **gates), **x)
+    loss_grpo, _ = objective_loss(cfg=DistillConfig(objective="grpo", **gates), **{**x, "lp_t": None})
     assert torch.equal(loss_rlad, loss_grpo)
     assert torch.equal(_grad(loss_rlad, x["lp_s"]), _grad(loss_grpo, x["lp_s"]))
     ref = _ref_loss(cfg=DistillConfig(objective="grpo", **gates), **x)
@@ -121,7 +121,7 @@ def test_alpha_one_is_grpo_bitwise(gates):
 def test_open_gates_equal_ungated_loss():
     x = _inputs()
     cfg = DistillConfig(tau_align=math.inf, tau_adv=-math.inf)
-    loss, metrics = rlad_loss(cfg=cfg, **x)
+    loss, metrics = objective_loss(cfg=cfg, **x)
     ref = _ref_loss(cfg=cfg, **x)  # the reference with both gates open is the paper's objective
     assert metrics["gated_frac"] == 0
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
@@ -150,8 +150,8 @@ def test_gated_tokens_carry_exact_grpo_gradient(level):
     common = dict(loss_agg="token_mean", dual_clip=True, eps_low=1e9, eps_high=1e9)
     cfg = DistillConfig(tau_align=tau, tau_adv=0.0, gate_level=level, **common)
     # num_tokens=1: a plain sum, so each token's gradient depends on that token only
-    loss, metrics = rlad_loss(cfg=cfg, num_tokens=1, **x)
-    grpo, _ = rlad_loss(cfg=DistillConfig(objective="grpo", **common), num_tokens=1, **x)
+    loss, metrics = objective_loss(cfg=cfg, num_tokens=1, **x)
+    grpo, _ = objective_loss(cfg=DistillConfig(objective="grpo", **common), num_tokens=1, **x)
     g, g_grpo = _grad(loss, x["lp_s"]), _grad(grpo, x["lp_s"])
     a = x["advantages"].unsqueeze(-1).expand(B, S)
     if level == "token":
@@ -175,7 +175,7 @@ def test_teacher_clamp_gradient_modes(mode):
     cfg = DistillConfig(alpha=alpha, teacher_clamp=c, teacher_clamp_grad=mode, eps_high=1e9,
                         loss_agg="token_mean")
     # no PPO clip is active: A > 0 and eps_high huge; num_tokens=1 makes the loss a plain sum
-    loss, metrics = rlad_loss(cfg=cfg, num_tokens=1, **{**x, "advantages": x["advantages"].abs() + 0.1})
+    loss, metrics = objective_loss(cfg=cfg, num_tokens=1, **{**x, "advantages": x["advantages"].abs() + 0.1})
     lp_s, lp_old, lp_t = x["lp_s"].detach(), x["lp_old"], x["lp_t"]
     a = (x["advantages"].abs() + 0.1).unsqueeze(-1)
     raw = lp_s - lp_t
@@ -211,8 +211,8 @@ def test_no_nan_for_extreme_logprobs(objective, dtype):
     for extra in (dict(), dict(teacher_clamp_grad="straight_through", gate_level="sequence", tau_align=2.0),
                   dict(tau_align=0.5, tau_adv=0.0, dual_clip=True, beta=0.1, loss_agg="token_mean")):
         cfg = DistillConfig(objective=objective, **extra)
-        loss, metrics = rlad_loss(lp_s=lp_s, lp_old=lp_old, lp_t=lp_t, lp_ref=lp_ref, advantages=x["advantages"],
-                                  mask=mask, cfg=cfg)
+        loss, metrics = objective_loss(lp_s=lp_s, lp_old=lp_old, lp_t=lp_t, lp_ref=lp_ref, advantages=x["advantages"],
+                                       mask=mask, cfg=cfg)
         grad = _grad(loss, lp_s)
         assert torch.isfinite(loss), (objective, extra)
         assert torch.isfinite(grad).all(), (objective, extra)
@@ -225,13 +225,13 @@ def test_no_nan_for_extreme_logprobs(objective, dtype):
 def test_micro_batches_sum_to_mini_batch(agg):
     x = _inputs(b=8)
     cfg = DistillConfig(loss_agg=agg, beta=0.05)
-    full, _ = rlad_loss(cfg=cfg, **x)
+    full, _ = objective_loss(cfg=cfg, **x)
     g_full = _grad(full, x["lp_s"])
     total = torch.zeros((), dtype=F64)
     num_tokens = int(x["mask"].sum())
     for lo in range(0, 8, 3):  # uneven micro-batches: 3, 3, 2
         part = {k: v[lo:lo + 3] for k, v in x.items()}
-        loss, _ = rlad_loss(cfg=cfg, num_sequences=8, num_tokens=num_tokens, **part)
+        loss, _ = objective_loss(cfg=cfg, num_sequences=8, num_tokens=num_tokens, **part)
         total = total + loss
     torch.testing.assert_close(total, full, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(_grad(total, x["lp_s"]), g_full, rtol=1e-13, atol=1e-13)
@@ -243,8 +243,8 @@ def test_forward_kl_objective_single_rank():
     t_logits = torch.randn(B, S, v, dtype=torch.float32)
     x = _inputs()
     cfg = DistillConfig(objective="forward_kl")
-    loss, metrics = rlad_loss(cfg=cfg, student_logits=s_logits, teacher_logits=t_logits, vocab_size=vocab,
-                              **{k: (v_.float() if v_.is_floating_point() else v_) for k, v_ in x.items()})
+    loss, metrics = objective_loss(cfg=cfg, student_logits=s_logits, teacher_logits=t_logits, vocab_size=vocab,
+                                   **{k: (v_.float() if v_.is_floating_point() else v_) for k, v_ in x.items()})
     s64 = s_logits.detach().double().requires_grad_()
     ls = torch.log_softmax(s64[..., :vocab], -1)
     lt = torch.log_softmax(t_logits.double()[..., :vocab], -1)
@@ -262,12 +262,12 @@ def test_forward_kl_objective_single_rank():
 def test_user_errors_name_the_field():
     x = _inputs()
     with pytest.raises(ValueError, match="lp_t"):
-        rlad_loss(cfg=DistillConfig(), **{**x, "lp_t": None})
+        objective_loss(cfg=DistillConfig(), **{**x, "lp_t": None})
     with pytest.raises(ValueError, match="lp_ref"):
-        rlad_loss(cfg=DistillConfig(beta=0.1), **{**x, "lp_ref": None})
+        objective_loss(cfg=DistillConfig(beta=0.1), **{**x, "lp_ref": None})
     with pytest.raises(ValueError, match="mask"):
-        rlad_loss(cfg=DistillConfig(), **{**x, "mask": x["mask"][:, :-1]})
+        objective_loss(cfg=DistillConfig(), **{**x, "mask": x["mask"][:, :-1]})
     with pytest.raises(ValueError, match="objective"):
-        rlad_loss(cfg=dataclasses.replace(DistillConfig(), objective="ppo"), **x)
+        objective_loss(cfg=dataclasses.replace(DistillConfig(), objective="ppo"), **x)
     with pytest.raises(ValueError, match="student_logits"):
-        rlad_loss(cfg=DistillConfig(objective="forward_kl"), **x)
+        objective_loss(cfg=DistillConfig(objective="forward_kl"), **x)

@@ -1,8 +1,9 @@
-"""Full (TP=1, PP=1) megatron-core GPT state dicts <-> per-rank TP/PP shards.
+"""The per-rank file layout (``mp_rank_{tp:02d}_{pp:03d}/``): full (TP=1, PP=1) state dicts <-> shards.
 
-The HF converters and the model-equivalence tests go through the full layout: one name per
-tensor, layer indices global. A shard holds local names (``decoder.layers.{i}`` counted from
-0 within its pipeline stage) and TP slices:
+Only the converter's ``--rank-layout`` output and its reading use this; live models take their
+shard from megatron-core's own ``sharded_state_dict`` (:mod:`rlad_megatron.models.weights`).
+The full layout has one name per tensor, layer indices global. A shard holds local names
+(``decoder.layers.{i}`` counted from 0 within its pipeline stage) and TP slices:
 
     column-parallel (split rows):  word_embeddings, output_layer, linear_qkv (weight, bias)
     SwiGLU fc1 (split gate and up separately, then concat): linear_fc1.weight
@@ -113,23 +114,3 @@ def unshard_state_dicts(shards: dict[tuple[int, int], dict[str, torch.Tensor]], 
             else:
                 full[name] = pieces[0]
     return full
-
-
-def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters (and buffers megatron persists) of one stage, detached on CPU."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not _skip(k)}
-
-
-def load_shard(model: torch.nn.Module, shard: dict[str, torch.Tensor]) -> None:
-    """Copy a shard into ``model``; every parameter must be present with the right shape."""
-    own = {k: v for k, v in model.state_dict().items() if not _skip(k)}
-    missing = sorted(set(own) - set(shard))
-    unexpected = sorted(set(shard) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"shard does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in own.items():
-        if tensor.shape != shard[name].shape:
-            raise ValueError(f"{name}: expected shape {tuple(tensor.shape)}, got {tuple(shard[name].shape)}")
-    with torch.no_grad():
-        for name, tensor in own.items():
-            tensor.copy_(shard[name].to(tensor.dtype))

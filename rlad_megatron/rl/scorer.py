@@ -1,0 +1,65 @@
+"""A frozen model (teacher or reference) that scores rollouts: log-probs of the sampled tokens.
+
+    teacher = Scorer.build(cfg.teacher, groups, vocab_size=V, micro_batch_size=4, device=device)
+    lp_t_NS, logits = teacher.logprobs(exp, keep_logits=objective.uses_teacher_logits)
+
+Legend: N rollout rows, S row width, B micro-batch rows, V/TP local vocab shard. Log-probs are
+vocab-parallel (no gather), aligned with the logits like everything in :mod:`rlad_megatron.rl.experience`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlad_megatron.config import ModelSection
+from rlad_megatron.distributed.groups import ParallelGroups
+from rlad_megatron.losses import vocab_parallel_logprobs_no_grad
+from rlad_megatron.models.builder import freeze
+from rlad_megatron.models.forward import run_schedule, split_micro_batches
+from rlad_megatron.models.weights import build_model
+from rlad_megatron.rl.experience import Experience
+
+
+class Scorer:
+    def __init__(self, *, model: torch.nn.Module, groups: ParallelGroups, vocab_size: int, micro_batch_size: int,
+                 device: torch.device):
+        self.model, self.groups, self.vocab_size = model, groups, vocab_size
+        self.micro_batch_size, self.device = micro_batch_size, device
+
+    @classmethod
+    def build(cls, section: ModelSection, groups: ParallelGroups, *, vocab_size: int, micro_batch_size: int,
+              device: torch.device) -> Scorer:
+        """``section``'s model with ``section.load``'s weights, frozen (no grads, no optimizer state)."""
+        model = freeze(build_model(section, groups, device=device))
+        return cls(model=model, groups=groups, vocab_size=vocab_size, micro_batch_size=micro_batch_size,
+                   device=device)
+
+    def logprobs(self, exp: Experience, *,
+                 keep_logits: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Log-probs ``[N, S]`` of ``exp``'s targets under this model.
+
+        Returns ``(lp_NS, logits)`` on the last pipeline stage and ``(None, [])`` elsewhere; ``logits``
+        holds each micro-batch's vocab shard when ``keep_logits`` (objectives that match the
+        teacher's distribution need it).
+        """
+        batch = {"tokens_BS": exp.tokens_NS, "targets_BS": exp.targets_NS}
+        kept: list[torch.Tensor] = []
+        tp_group, vocab_size = self.groups.tp, self.vocab_size
+
+        def loss_fn(logits_BSV: torch.Tensor, mb: dict):
+            lp = vocab_parallel_logprobs_no_grad(logits_BSV, mb["targets_BS"], tp_group=tp_group,
+                                                 vocab_size=vocab_size)
+            if keep_logits:
+                kept.append(logits_BSV.detach())
+            return torch.zeros((), device=logits_BSV.device), torch.tensor(1, dtype=torch.int), {"lp_BS": lp.cpu()}
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = run_schedule(model=self.model, micro_batches=split_micro_batches(batch, self.micro_batch_size),
+                               loss_fn=loss_fn, forward_only=True, device=self.device)
+        finally:
+            self.model.train(was_training)
+        if not self.groups.is_last_stage:
+            return None, []
+        return torch.cat([d["lp_BS"] for d in out], dim=0), kept
