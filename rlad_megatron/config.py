@@ -44,6 +44,24 @@ class ModelConfig:
     kv_channels: Optional[int] = None
     init_method_std: float = 0.02
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Llama 3.x RoPE scaling (HF rope_type 'llama3'). megatron-core's RotaryEmbedding fixes
+    # low_freq_factor=1, high_freq_factor=4 and original_max_position_embeddings=8192, so only
+    # the factor is a setting (hf/config_map.py refuses checkpoints with other constants).
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    # Mixture of experts (0: dense): routed experts only, softmax router, top-k.
+    num_experts: int = 0
+    moe_router_topk: int = 2
+    # Expert FFN size (HF moe_intermediate_size); None: ffn_hidden_size. Dense layers keep ffn_hidden_size.
+    moe_ffn_hidden_size: Optional[int] = None
+    # One character per layer, '1' MoE and '0' dense (Qwen3-MoE mlp_only_layers / decoder_sparse_step);
+    # None: every layer is MoE.
+    moe_layer_pattern: Optional[str] = None
+    # HF norm_topk_prob: renormalise the top-k routing weights to sum to 1 (Mixtral always does);
+    # False is megatron's moe_router_pre_softmax (softmax over all experts, top-k weights kept).
+    moe_norm_topk_prob: bool = True
+    # Router load-balancing loss coefficient (0: off). Must be 0 for a frozen teacher.
+    moe_aux_loss_coeff: float = 0.0
     # Optional path to a Megatron dist checkpoint (or HF directory) to initialise from.
     load: Optional[str] = None
 
@@ -61,6 +79,44 @@ class ModelConfig:
             raise ConfigError(
                 f"{name}.hidden_size: expected a multiple of num_attention_heads="
                 f"{self.num_attention_heads} (or set kv_channels), got {self.hidden_size}")
+        if self.rope_scaling and self.rope_scaling_factor < 1.0:
+            raise ConfigError(f"{name}.rope_scaling_factor: expected >= 1, got {self.rope_scaling_factor}")
+        self._validate_moe(name)
+
+    @property
+    def moe_layers(self) -> list[bool]:
+        """Per layer: does it hold routed experts."""
+        if not self.num_experts:
+            return [False] * self.num_layers
+        if self.moe_layer_pattern is None:
+            return [True] * self.num_layers
+        return [c == "1" for c in self.moe_layer_pattern]
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    def _validate_moe(self, name: str) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"{name}.num_experts: expected >= 0 (0: dense), got {self.num_experts}")
+        if not self.num_experts:
+            for key, dense in (("moe_layer_pattern", None), ("moe_ffn_hidden_size", None)):
+                if getattr(self, key) != dense:
+                    raise ConfigError(f"{name}.{key}: expected null for a dense model (num_experts=0), "
+                                      f"got {getattr(self, key)!r}")
+            return
+        if not 1 <= self.moe_router_topk <= self.num_experts:
+            raise ConfigError(f"{name}.moe_router_topk: expected 1..num_experts={self.num_experts}, "
+                              f"got {self.moe_router_topk}")
+        if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size <= 0:
+            raise ConfigError(f"{name}.moe_ffn_hidden_size: expected a positive integer or null, "
+                              f"got {self.moe_ffn_hidden_size}")
+        pattern = self.moe_layer_pattern
+        if pattern is not None and (len(pattern) != self.num_layers or set(pattern) - {"0", "1"}):
+            raise ConfigError(f"{name}.moe_layer_pattern: expected {self.num_layers} characters '0' (dense) "
+                              f"or '1' (MoE), one per layer, got {pattern!r}")
+        if self.moe_aux_loss_coeff < 0:
+            raise ConfigError(f"{name}.moe_aux_loss_coeff: expected >= 0, got {self.moe_aux_loss_coeff}")
 
 
 @dataclass
@@ -69,9 +125,11 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # Experts split over EP ranks (MoE models only); expert weights are TP-split like dense ones.
+    expert_model_parallel_size: int = 1
 
     def validate(self, name: str) -> None:
-        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{name}.{key}: expected >= 1, got {getattr(self, key)}")
 
@@ -104,6 +162,20 @@ class ModelSection:
             raise ConfigError(
                 f"{name}.parallel.pipeline_model_parallel_size: expected a divisor of "
                 f"{name}.model.num_layers={m.num_layers}, got {pp}")
+        ep = self.parallel.expert_model_parallel_size
+        if ep > 1 and not m.num_experts:
+            raise ConfigError(f"{name}.parallel.expert_model_parallel_size: expected 1 for a dense model "
+                              f"({name}.model.num_experts=0), got {ep}")
+        if m.num_experts and m.num_experts % ep:
+            raise ConfigError(f"{name}.parallel.expert_model_parallel_size: expected a divisor of "
+                              f"{name}.model.num_experts={m.num_experts}, got {ep}")
+        if m.num_experts and m.expert_ffn_hidden_size % tp:
+            raise ConfigError(f"{name}.parallel.tensor_model_parallel_size: expected a divisor of the expert "
+                              f"FFN size {m.expert_ffn_hidden_size} ({name}.model.moe_ffn_hidden_size), got {tp}")
+        if ep > 1 and tp > 1 and not self.parallel.sequence_parallel:
+            # megatron-core's TransformerConfig refuses MoE with EP and TP but no sequence parallelism.
+            raise ConfigError(f"{name}.parallel.sequence_parallel: expected true with expert_model_parallel_size="
+                              f"{ep} and tensor_model_parallel_size={tp}, got false")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -288,8 +360,16 @@ class Config:
             raise ConfigError(
                 f"teacher.model.vocab_size: expected {self.student.model.vocab_size} (the student's), "
                 f"got {self.teacher.model.vocab_size}")
+        if self.teacher.model.num_experts and self.teacher.model.moe_aux_loss_coeff:
+            raise ConfigError("teacher.model.moe_aux_loss_coeff: expected 0 (the teacher is frozen; a router "
+                              f"loss would train nothing), got {self.teacher.model.moe_aux_loss_coeff}")
         # One megatron parallel_state grid serves both models for now.
         sp, tp_ = self.student.parallel, self.teacher.parallel
+        if (self.student.model.num_experts and self.teacher.model.num_experts
+                and sp.expert_model_parallel_size != tp_.expert_model_parallel_size):
+            raise ConfigError(
+                f"teacher.parallel.expert_model_parallel_size: expected {sp.expert_model_parallel_size} (the "
+                f"student's; separate teacher grids are not supported yet), got {tp_.expert_model_parallel_size}")
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(sp, key) != getattr(tp_, key):
                 raise ConfigError(
