@@ -114,3 +114,29 @@ def test_families_match_hf_logits_at_tp2_pp2_ep2(tmp_path):
     for (family, kind, tp, pp, ep, rank), logits in results.items():
         stats = compare_logits(reference[family], logits)
         assert stats["max_abs_diff"] < 1e-4, (family, kind, tp, pp, ep, rank, stats)
+
+
+def test_verify_cli_on_the_new_families(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rlad_megatron.hf import convert_hf_to_megatron
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {"llama3": [sys.executable], "qwen3_moe": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc-per-node", "2"]}
+    for family, launcher in runs.items():
+        hf_dir = save_tiny_hf(tmp_path / f"{family}_hf", family)
+        convert_hf_to_megatron(hf_dir=hf_dir, out_dir=tmp_path / f"{family}_meg")
+        layout = [] if len(launcher) == 1 else ["--pp", "2"]
+        proc = subprocess.run(
+            [*launcher, str(root / "checkpoints_convert" / "verify.py"), "--hf", str(hf_dir), "--megatron",
+             str(tmp_path / f"{family}_meg"), "--seq", "40", "--tolerance", "1e-4", *layout],
+            capture_output=True, text=True, env=env, timeout=240, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+        assert report["pass"] and report["ep"] == 1 and report["max_abs_diff"] < 1e-4, (family, report)
