@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = read_checkpoint_config(args.megatron)
     cfg.params_dtype = "float32"
     section = ModelSection(model=cfg, parallel=ParallelConfig(
-        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, expert_model_parallel_size=args.ep,
-        sequence_parallel=args.ep > 1 and args.tp > 1))
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, expert_model_parallel_size=args.ep))
     section.validate("verify")
     model = build_gpt_model(section, groups, device=torch.device("cpu"))
     load_megatron_weights(model, args.megatron, groups)

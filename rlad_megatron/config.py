@@ -172,10 +172,6 @@ class ModelSection:
         if m.num_experts and m.expert_ffn_hidden_size % tp:
             raise ConfigError(f"{name}.parallel.tensor_model_parallel_size: expected a divisor of the expert "
                               f"FFN size {m.expert_ffn_hidden_size} ({name}.model.moe_ffn_hidden_size), got {tp}")
-        if ep > 1 and tp > 1 and not self.parallel.sequence_parallel:
-            # megatron-core's TransformerConfig refuses MoE with EP and TP but no sequence parallelism.
-            raise ConfigError(f"{name}.parallel.sequence_parallel: expected true with expert_model_parallel_size="
-                              f"{ep} and tensor_model_parallel_size={tp}, got false")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -360,6 +356,13 @@ class Config:
             raise ConfigError(
                 f"teacher.model.vocab_size: expected {self.student.model.vocab_size} (the student's), "
                 f"got {self.teacher.model.vocab_size}")
+        sm = self.student.model
+        if sm.num_experts and self.student.parallel.tensor_model_parallel_size > 1:
+            # megatron-core's MoELayer trains at TP > 1 only with sequence parallelism, and generation
+            # needs a model without it; experts scale over expert_model_parallel_size instead.
+            raise ConfigError("student.parallel.tensor_model_parallel_size: expected 1 for an MoE student (megatron "
+                              "trains MoE at TP > 1 only with sequence parallelism, which rollouts cannot use), "
+                              f"got {self.student.parallel.tensor_model_parallel_size}")
         if self.teacher.model.num_experts and self.teacher.model.moe_aux_loss_coeff:
             raise ConfigError("teacher.model.moe_aux_loss_coeff: expected 0 (the teacher is frozen; a router "
                               f"loss would train nothing), got {self.teacher.model.moe_aux_loss_coeff}")

@@ -128,9 +128,9 @@ CONFIG_ERRORS = [
     (["--student.model.moe_ffn_hidden_size=32"], "student.model.moe_ffn_hidden_size: expected null for a dense"),
     (["--teacher.model.num_experts=4", "--teacher.model.moe_aux_loss_coeff=0.01"],
      "teacher.model.moe_aux_loss_coeff: expected 0"),
-    (["--student.model.num_experts=4", "--student.parallel.expert_model_parallel_size=2",
-      "--student.parallel.tensor_model_parallel_size=2", "--teacher.parallel.tensor_model_parallel_size=2"],
-     "student.parallel.sequence_parallel: expected true"),
+    (["--student.model.num_experts=4", "--student.parallel.tensor_model_parallel_size=2",
+      "--teacher.parallel.tensor_model_parallel_size=2"],
+     "student.parallel.tensor_model_parallel_size: expected 1 for an MoE student"),
 ]
 
 
@@ -140,12 +140,17 @@ def test_moe_config_errors_name_the_field(overrides, match):
         load_config(None, overrides)
 
 
-def test_student_moe_config_loads():
+def test_moe_config_loads():
     # The pattern is quoted: YAML would read 01 as the integer 1.
     cfg = load_config(None, ["--student.model.num_experts=4", "--student.model.moe_layer_pattern='01'",
                              "--student.model.moe_aux_loss_coeff=0.01",
                              "--student.parallel.expert_model_parallel_size=2"])
     assert cfg.student.model.moe_layers == [False, True]
+    # A frozen MoE teacher may combine TP and EP (megatron needs sequence parallelism only to train).
+    teacher = load_config(None, ["--teacher.model.num_experts=4", "--teacher.parallel.expert_model_parallel_size=2",
+                                 "--student.parallel.tensor_model_parallel_size=2",
+                                 "--teacher.parallel.tensor_model_parallel_size=2"])
+    assert teacher.teacher.parallel.expert_model_parallel_size == 2
     assert ModelConfig().moe_layers == [False, False]
 
 
