@@ -52,7 +52,9 @@ def moe_config(section: ModelSection, *, device: torch.device) -> dict:
         moe_router_pre_softmax=not m.moe_norm_topk_prob,
         moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
-        # No capacity factor: every token reaches its top-k experts, as in HF.
+        # No capacity factor (megatron's default): every token reaches its top-k experts, as in HF.
+        # All-to-all is megatron's dispatcher for EP on GPUs (not run here: no GPU in CI); the CPU
+        # tests run the all-gather one, which gives the same routing.
         moe_token_dispatcher_type="alltoall" if device.type == "cuda" else "allgather",
         moe_grouped_gemm=_use_te(device),
         expert_model_parallel_size=p.expert_model_parallel_size,
