@@ -54,6 +54,8 @@ def _expert_offsets(model) -> dict[str, int]:
 
 
 def _run(rank, world_size, sources, tokens_BS):
+    import torch.distributed as dist
+
     from rlad_megatron.config import ModelSection, ParallelConfig
     from rlad_megatron.distributed import initialize_model_parallel
     from rlad_megatron.hf import load_megatron_weights, read_checkpoint_config
@@ -67,6 +69,10 @@ def _run(rank, world_size, sources, tokens_BS):
             groups = initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                                expert_model_parallel_size=ep, seed=3)
             assert (groups.ep_size, groups.ep_rank) == (ep, rank if ep > 1 else 0)
+            # Expert TP = TP; each expert shard is replicated over world / (TP x PP x EP) ranks.
+            assert dist.get_world_size(groups.expert_tp) == tp
+            assert dist.get_world_size(groups.expert_dp) == world_size // (tp * pp * ep)
+            assert groups.collection.ep is groups.ep
             kinds = ["meg", "hf"] if family == "llama3" else ["meg"]
             for kind in kinds:
                 path = sources[(family, kind)]
