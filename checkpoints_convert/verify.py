@@ -3,6 +3,7 @@
     python checkpoints_convert/verify.py --hf DIR --megatron DIR                    # TP=1
     torchrun --nproc-per-node 2 checkpoints_convert/verify.py --hf DIR --megatron DIR --tp 2
     torchrun --nproc-per-node 2 checkpoints_convert/verify.py --hf DIR --megatron DIR --pp 2
+    torchrun --nproc-per-node 2 checkpoints_convert/verify.py --hf DIR --megatron DIR --ep 2   # MoE
 
 --megatron may also be an HF directory (the trainer's direct-HF loading path). Prints the max
 |logit difference| and the mean/max per-token KL(HF || megatron) over the true vocabulary;
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--megatron", required=True, help="converted megatron directory (or an HF directory)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE models)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -39,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 
     init_distributed("cpu")
     groups = initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                       seed=args.seed)
+                                       expert_model_parallel_size=args.ep, seed=args.seed)
     cfg = read_checkpoint_config(args.megatron)
     cfg.params_dtype = "float32"
-    section = ModelSection(model=cfg, parallel=ParallelConfig(tensor_model_parallel_size=args.tp,
-                                                              pipeline_model_parallel_size=args.pp), load=args.megatron)
+    section = ModelSection(model=cfg, parallel=ParallelConfig(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, expert_model_parallel_size=args.ep),
+        load=args.megatron)
     section.validate("verify")
     model = build_model(section, groups, device=torch.device("cpu"))
     tokens_BS = torch.randint(0, cfg.vocab_size, (args.batch, args.seq),
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if logits_BSV is not None and groups.tp_rank == 0:
         stats = compare_logits(hf_logits(args.hf, tokens_BS), logits_BSV)
         ok = stats["max_abs_diff"] <= args.tolerance
-        print(json.dumps({"tp": args.tp, "pp": args.pp, **stats, "pass": ok}))
+        print(json.dumps({"tp": args.tp, "pp": args.pp, "ep": args.ep, **stats, "pass": ok}))
     flag = torch.tensor([0 if ok else 1])
     dist.all_reduce(flag)
     dist.destroy_process_group()

@@ -9,7 +9,8 @@ holds the same bytes (TP splits evenly, norms are replicated), so the plan is pe
 Exact (tests/distributed/test_plan_memory_measured.py checks them against built models):
 - parameters per rank: embedding on the first stage; final norm and output layer on the last
   (tied embeddings with PP > 1: the last stage keeps its own copy as the output layer); layers
-  split evenly over PP; qkv/proj/fc1/fc2/embedding/output split over TP;
+  split evenly over PP; qkv/proj/fc1/fc2/embedding/output split over TP; MoE layers: the router
+  replicated, each EP rank holding num_experts / EP experts, each TP-split like a dense MLP;
 - student weights, the fp32 DDP gradient buffer (``grad_reduce_in_fp32``) and Adam state
   (exp_avg, exp_avg_sq, an fp32 master copy of 16-bit params), the Adam state divided over DP
   with ``parallel.use_distributed_optimizer`` (plus bucket padding: < 64 values per tensor);
@@ -66,6 +67,8 @@ class ParamCount:
     # Replicated RMSNorm weights (included in ``total``); megatron-core's local spec without apex
     # builds them as torch norms in float32 whatever params_dtype is.
     norms: int
+    # Routed-expert weights (included in ``total``): their gradients reduce over expert-DP, not DP.
+    experts: int = 0
 
 
 @dataclass
@@ -109,22 +112,30 @@ class MemoryPlan:
         return self.worst.peak
 
 
-def _layer_params(m: ModelConfig, tp: int) -> ParamCount:
+def _mlp_params(ffn: int, h: int, tp: int) -> int:
+    return 2 * ffn // tp * h + h * ffn // tp  # linear_fc1 (SwiGLU gate and up) + linear_fc2
+
+
+def _layer_params(m: ModelConfig, tp: int, *, moe: bool = False, ep: int = 1) -> ParamCount:
     kv = m.kv_channels or m.hidden_size // m.num_attention_heads
     h, q, kv_size = m.hidden_size, m.num_attention_heads * kv, m.num_query_groups * kv
     qkv_out = (q + 2 * kv_size) // tp
     sharded = (qkv_out * h + (qkv_out if m.add_qkv_bias else 0)  # linear_qkv (column parallel)
-               + h * q // tp  # linear_proj (row parallel)
-               + 2 * m.ffn_hidden_size // tp * h  # linear_fc1: SwiGLU gate and up
-               + h * m.ffn_hidden_size // tp)  # linear_fc2
+               + h * q // tp)  # linear_proj (row parallel)
     norms = 2 * h + (2 * kv if m.qk_layernorm else 0)  # input/pre-MLP norms, per-head q/k norms
-    return ParamCount(total=sharded + norms, norms=norms)
+    if not moe:
+        return ParamCount(total=sharded + _mlp_params(m.ffn_hidden_size, h, tp) + norms, norms=norms)
+    experts = m.num_experts // ep * _mlp_params(m.expert_ffn_hidden_size, h, tp)
+    router = m.num_experts * h  # replicated over TP and EP
+    return ParamCount(total=sharded + router + experts + norms, norms=norms, experts=experts)
 
 
-def _stage_params(m: ModelConfig, *, tp: int, pp: int, padded_vocab: int, pp_rank: int) -> ParamCount:
-    layer = _layer_params(m, tp)
-    layers = m.num_layers // pp
-    total, norms = layers * layer.total, layers * layer.norms
+def _stage_params(m: ModelConfig, *, tp: int, pp: int, padded_vocab: int, pp_rank: int, ep: int = 1) -> ParamCount:
+    per_stage = m.num_layers // pp
+    moe_layers = m.moe_layers[pp_rank * per_stage:(pp_rank + 1) * per_stage]
+    counts = [_layer_params(m, tp, moe=moe, ep=ep) for moe in moe_layers]
+    total, norms = sum(c.total for c in counts), sum(c.norms for c in counts)
+    experts = sum(c.experts for c in counts)
     table = padded_vocab // tp * m.hidden_size
     if pp_rank == 0:
         total += table
@@ -135,14 +146,14 @@ def _stage_params(m: ModelConfig, *, tp: int, pp: int, padded_vocab: int, pp_ran
         # keeps its own copy (megatron syncs the two through the embedding group).
         if m.untie_embeddings_and_output_weights or pp > 1:
             total += table
-    return ParamCount(total=total, norms=norms)
+    return ParamCount(total=total, norms=norms, experts=experts)
 
 
 def param_counts(section: ModelSection) -> dict[int, ParamCount]:
     """pp_rank -> parameters (and the replicated norms among them) on one GPU of that stage."""
     p = section.parallel
     return {r: _stage_params(section.model, tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                             padded_vocab=section.padded_vocab_size, pp_rank=r)
+                             padded_vocab=section.padded_vocab_size, pp_rank=r, ep=p.expert_model_parallel_size)
             for r in range(p.pipeline_model_parallel_size)}
 
 
@@ -157,15 +168,20 @@ def model_param_count(section: ModelSection) -> int:
 
 
 def student_state_bytes(count: ParamCount, *, dtype_bytes: int, norm_bytes: int, dp: int,
-                        distributed_optimizer: bool) -> dict[str, int]:
+                        distributed_optimizer: bool, ep: int = 1) -> dict[str, int]:
     """Weights, fp32 gradient buffer and Adam state of the student on one GPU."""
     # exp_avg + exp_avg_sq in float32, plus an fp32 master copy of every 16-bit parameter.
-    optimizer = sum(n * (8 + (4 if b < 4 else 0)) for n, b in ((count.total - count.norms, dtype_bytes),
-                                                               (count.norms, norm_bytes)))
+    def adam(n: int, b: int) -> int:
+        return n * (8 + (4 if b < 4 else 0))
+
+    dense = adam(count.total - count.norms - count.experts, dtype_bytes) + adam(count.norms, norm_bytes)
+    experts = adam(count.experts, dtype_bytes)
+    # The distributed optimizer shards dense state over DP, expert state over expert-DP = DP / EP.
+    optimizer = -(-dense // dp) + -(-experts // (dp // ep)) if distributed_optimizer else dense + experts
     return {"student_weights": weight_bytes(count, dtype_bytes=dtype_bytes, norm_bytes=norm_bytes),
             # grad_reduce_in_fp32: the DDP buffer is float32 whatever the params dtype.
             "student_grads": 4 * count.total,
-            "student_optimizer": -(-optimizer // dp) if distributed_optimizer else optimizer}
+            "student_optimizer": optimizer}
 
 
 def weight_bytes(count: ParamCount, *, dtype_bytes: int, norm_bytes: int) -> int:
@@ -209,6 +225,12 @@ def plan_memory(cfg: Config, *, dp: int = 1, flash_attention: bool = False,
     """
     _check_batching(cfg, dp)
     st, te, rl = cfg.student, cfg.teacher, cfg.rl
+    for name, section in (("student", st), ("teacher", te)):
+        ep = section.parallel.expert_model_parallel_size
+        if dp % ep:
+            # megatron's expert grid: world = TP x PP x DP must be a multiple of TP x PP x EP.
+            raise ConfigError(f"{name}.parallel.expert_model_parallel_size: expected a divisor of the "
+                              f"data-parallel size {dp}, got {ep}")
     tp, pp = st.parallel.tensor_model_parallel_size, st.parallel.pipeline_model_parallel_size
     objective = build_objective(cfg.distill)
     sections = {"student": st}
@@ -237,7 +259,8 @@ def plan_memory(cfg: Config, *, dp: int = 1, flash_attention: bool = False,
         out = dict.fromkeys(COMPONENTS, 0)
         out.update(student_state_bytes(plan.params["student"][r], dtype_bytes=s_bytes,
                                        norm_bytes=norm_dtype_bytes or s_bytes, dp=dp,
-                                       distributed_optimizer=st.parallel.use_distributed_optimizer))
+                                       distributed_optimizer=st.parallel.use_distributed_optimizer,
+                                       ep=st.parallel.expert_model_parallel_size))
         for name in ("teacher", "reference"):
             if name in sections:
                 b = DTYPE_BYTES[sections[name].model.params_dtype]

@@ -52,9 +52,11 @@ class Trainer:
     def __init__(self, cfg: Config, world: WorldInfo):
         self.cfg, self.world, self.device = cfg, world, world.device
         sp, rl = cfg.student.parallel, cfg.rl
+        # One grid serves both models, so one expert-parallel size: the MoE models' (validated equal).
+        ep = next((s.parallel.expert_model_parallel_size for s in (cfg.student, cfg.teacher) if s.model.num_experts), 1)
         self.groups = g = initialize_model_parallel(tensor_model_parallel_size=sp.tensor_model_parallel_size,
                                                     pipeline_model_parallel_size=sp.pipeline_model_parallel_size,
-                                                    seed=cfg.train.seed)
+                                                    expert_model_parallel_size=ep, seed=cfg.train.seed)
         for what, total in (("rl.prompts_per_step", rl.prompts_per_step), ("rl.mini_batch_size", rl.mini_batch_size)):
             if total % g.dp_size:
                 raise ValueError(f"{what}: expected a multiple of the data-parallel size {g.dp_size}, got {total}")

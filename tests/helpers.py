@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def objective_loss(*, cfg, num_sequences=None, num_tokens=None, tp_group=None, vocab_size=None, **tensors):
     """``(loss, metrics)`` of the objective ``cfg`` names on one micro-batch's tensors, built the way the
@@ -10,3 +15,41 @@ def objective_loss(*, cfg, num_sequences=None, num_tokens=None, tp_group=None, v
 
     objective = build_objective(cfg, tp_group=tp_group, vocab_size=vocab_size)
     return objective.loss(LossInputs(**tensors), num_sequences=num_sequences, num_tokens=num_tokens)
+
+
+def train_run(rank, world_size, overrides, resume):
+    """A ``run_distributed`` worker: the tiny config with ``overrides``, trained to the end (resumed from
+    the newest checkpoint when ``resume``); returns the start step and whether the student moved."""
+    import torch
+
+    from rlad_megatron.config import load_config
+    from rlad_megatron.distributed.init import init_distributed
+    from rlad_megatron.models.weights import model_state_dict
+    from rlad_megatron.trainer import Trainer
+
+    cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml",
+                      overrides + [f"--checkpoint.resume={'true' if resume else 'false'}"])
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    before = model_state_dict(trainer.student.policy)
+    start = trainer.step
+    trainer.train()
+    after = model_state_dict(trainer.student.policy)
+    moved = any(not torch.equal(before[k], after[k]) for k in before)
+    return {"start": start, "moved": moved}
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def drop_checkpoints_after(save_dir: Path, step: int) -> None:
+    """Resume picks the newest complete step directory; remove those after ``step``."""
+    import shutil
+
+    from rlad_megatron.checkpointing.files import step_of
+
+    for p in save_dir.iterdir():
+        if (step_of(p) or 0) > step:
+            shutil.rmtree(p)

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     world = init_distributed(cfg.train.device)
     groups = initialize_model_parallel(tensor_model_parallel_size=section.parallel.tensor_model_parallel_size,
                                        pipeline_model_parallel_size=section.parallel.pipeline_model_parallel_size,
+                                       expert_model_parallel_size=section.parallel.expert_model_parallel_size,
                                        seed=args.seed)
     tokenizer = build_tokenizer(cfg.data)
     check_vocab_fits(tokenizer, model_vocab_size=section.model.vocab_size, name=f"{args.model}.model.vocab_size")

@@ -136,3 +136,21 @@ def _patch_dist_ckpt_writer() -> None:
     # retrieve_write_results() reads this queue with get_nowait() after the writer returns.
     filesystem_async._get_write_results_queue = queue.Queue
     filesystem_async.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_buckets_in_process)
+
+
+# ---------------------------------------------------------------- MoE router without Transformer Engine
+
+
+def patch_moe_router_without_te() -> None:
+    """Let megatron-core's MoE router run where Transformer Engine is not installed (CPU or GPU).
+
+    ``transformer/moe/moe_utils.py`` ``RouterGatingLinearFunction.forward/backward`` test
+    ``te_general_gemm is not None``, a name only imported when TE imports: without TE every router
+    forward raises NameError. None selects the function's own ``torch.mm`` path. Called by the
+    model builder for MoE models; a no-op once megatron-core defines the name itself.
+    Checked by tests/unit/test_compat.py::test_moe_router_still_needs_the_patch.
+    """
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

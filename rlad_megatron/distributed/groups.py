@@ -28,6 +28,14 @@ class ParallelGroups:
     dp_size: int
     # megatron-core models take this collection so they never fall back to global state.
     collection: ProcessGroupCollection
+    # Expert parallelism (MoE): experts split over ``ep``; expert weights TP-split over ``expert_tp``
+    # (megatron's default expert TP = TP); ``expert_dp`` replicates each expert shard, what
+    # megatron's DDP reduces expert gradients over. With EP=1 they are 1-rank / TP / DP groups.
+    ep: dist.ProcessGroup
+    ep_rank: int
+    ep_size: int
+    expert_tp: dist.ProcessGroup
+    expert_dp: dist.ProcessGroup
 
     @property
     def is_first_stage(self) -> bool:
@@ -48,8 +56,11 @@ class ParallelGroups:
 
 
 def initialize_model_parallel(*, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
-                              seed: int) -> ParallelGroups:
-    """Build megatron's TP x PP x DP grid (world must already be initialised) and seed its RNGs."""
+                              seed: int, expert_model_parallel_size: int = 1) -> ParallelGroups:
+    """Build megatron's TP x PP x DP grid, and its expert grid EP x expert-TP x PP x expert-DP.
+
+    The world must already be initialised; also seeds megatron's RNGs (expert-parallel streams included).
+    """
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     world = dist.get_world_size()
@@ -58,11 +69,18 @@ def initialize_model_parallel(*, tensor_model_parallel_size: int, pipeline_model
         raise ValueError(
             f"world size {world} is not divisible by tensor_model_parallel_size x "
             f"pipeline_model_parallel_size = {tensor_model_parallel_size} x {pipeline_model_parallel_size}")
+    # Expert TP is megatron's default (= TP), so the expert grid needs EP x TP x PP to divide the world.
+    if world % (mp * expert_model_parallel_size):
+        raise ValueError(
+            f"world size {world} is not divisible by expert_model_parallel_size x tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {expert_model_parallel_size} x {tensor_model_parallel_size} x "
+            f"{pipeline_model_parallel_size}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
     )
     model_parallel_cuda_manual_seed(seed)
     return current_groups()
@@ -83,6 +101,11 @@ def current_groups() -> ParallelGroups:
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
         collection=ProcessGroupCollection.use_mpu_process_groups(),
+        ep=ps.get_expert_model_parallel_group(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        expert_tp=ps.get_expert_tensor_parallel_group(),
+        expert_dp=ps.get_expert_data_parallel_group(),
     )
 
 

@@ -89,13 +89,14 @@ def _has_full_layout(path: Path) -> bool:
             or any(_RANK_DIR.match(p.name) for p in path.iterdir()))
 
 
-def dist_checkpoint_path(path: str | Path) -> Optional[Path]:
+def dist_checkpoint_path(path: str | Path, *, kind: Optional[str] = None) -> Optional[Path]:
     """The dist checkpoint ``path`` loads from, or None when it loads from safetensors.
 
     A converted directory with both prefers its safetensors (reading them runs no pickle).
+    ``kind``: ``checkpoint_kind(path)`` when the caller has it.
     """
     path = Path(path)
-    kind = checkpoint_kind(path)
+    kind = kind or checkpoint_kind(path)
     if kind == "dist":
         return path
     if kind == "megatron" and not _has_full_layout(path) and is_dist_checkpoint(path / DIST_DIR):
@@ -161,9 +162,9 @@ def dist_checkpoint_config(path: str | Path) -> ModelConfig:
     return model_config_from_dict(files.saved_student_model(step_dir), source=f"{run_config}:student.model")
 
 
-def read_checkpoint_config(path: str | Path) -> ModelConfig:
+def read_checkpoint_config(path: str | Path, *, kind: Optional[str] = None) -> ModelConfig:
     """The ModelConfig a checkpoint directory (any kind) describes."""
-    kind = checkpoint_kind(path)
+    kind = kind or checkpoint_kind(path)
     if kind == "dist":
         return dist_checkpoint_config(path)
     if kind == "megatron":
@@ -243,13 +244,14 @@ def _read_rank_dirs(megatron_dir: Path, cfg: ModelConfig, *, progress: bool):
     return full, where
 
 
-def stage_tensors(path: str | Path, layers: range) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+def stage_tensors(path: str | Path, layers: range, *,
+                  kind: Optional[str] = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Full-layout tensors of an HF or converted directory: the globals and the decoder ``layers``.
 
     Layer names keep their global index; only a per-rank (mp_rank_*) layout is read whole.
     """
     path = Path(path)
-    if checkpoint_kind(path) == "hf":
+    if (kind or checkpoint_kind(path)) == "hf":
         hf, cfg, hf_config = read_hf_checkpoint(path, layers=layers)
         # Convert as a model of len(layers) layers numbered from 0, then restore the global numbers.
         sub = dataclasses.replace(cfg, num_layers=len(layers))

@@ -3,11 +3,13 @@
 Pure functions on in-memory dicts; directory handling lives in :mod:`rlad_megatron.hf.checkpoint`.
 Tensors are copied, never cast, so HF -> megatron -> HF is bitwise.
 
-Legend: V vocab, Vp padded vocab, h hidden, H heads, G query groups, D head dim, F ffn size.
+Legend: V vocab, Vp padded vocab, h hidden, H heads, G query groups, D head dim, F ffn size,
+E experts, Fe expert ffn size.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -22,14 +24,28 @@ def _ignored_hf_name(name: str) -> bool:
     return name.endswith(".rotary_emb.inv_freq")
 
 
+def layer_experts(cfg: ModelConfig) -> list[int]:
+    """Per layer: its number of routed experts (0: a dense MLP)."""
+    return [cfg.num_experts if moe else 0 for moe in cfg.moe_layers]
+
+
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
 def expected_hf_shapes(arch: km.Architecture, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     h, H, G, D, F, V = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, head_dim(cfg),
                         cfg.ffn_hidden_size, cfg.vocab_size)
+    E, Fe = cfg.num_experts, cfg.expert_ffn_hidden_size
+    moe = arch.moe
+    expert_shapes = {} if moe is None else {
+        f"{moe.block}.gate.weight": (E, h), f"{moe.block}.experts.e.{moe.gate}.weight": (Fe, h),
+        f"{moe.block}.experts.e.{moe.up}.weight": (Fe, h), f"{moe.block}.experts.e.{moe.down}.weight": (h, Fe)}
     tied = not cfg.untie_embeddings_and_output_weights
     shapes: dict[str, tuple[int, ...]] = {}
-    for name in km.expected_hf_names(arch, num_layers=cfg.num_layers, tied=tied):
+    for name in km.expected_hf_names(arch, num_layers=cfg.num_layers, tied=tied, layer_experts=layer_experts(cfg)):
         leaf = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
-        shapes[name] = {
+        leaf = _EXPERT.sub(".experts.e.", leaf)
+        shapes[name] = expert_shapes.get(leaf) or {
             km.HF_EMBED: (V, h), km.HF_LM_HEAD: (V, h), "model.norm.weight": (h,),
             "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
             "self_attn.q_proj.weight": (H * D, h), "self_attn.k_proj.weight": (G * D, h),
@@ -45,9 +61,10 @@ def expected_hf_shapes(arch: km.Architecture, cfg: ModelConfig) -> dict[str, tup
 def expected_megatron_shapes(cfg: ModelConfig, *, padded_vocab: int) -> dict[str, tuple[int, ...]]:
     h, H, G, D, F = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, head_dim(cfg),
                      cfg.ffn_hidden_size)
+    E, Fe = cfg.num_experts, cfg.expert_ffn_hidden_size
     qkv_rows = (H + 2 * G) * D
     shapes: dict[str, tuple[int, ...]] = {km.EMBED: (padded_vocab, h)}
-    for i in range(cfg.num_layers):
+    for i, experts in enumerate(layer_experts(cfg)):
         p = f"decoder.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "self_attention.linear_qkv.weight"] = (qkv_rows, h)
@@ -58,8 +75,14 @@ def expected_megatron_shapes(cfg: ModelConfig, *, padded_vocab: int) -> dict[str
             shapes[p + "self_attention.k_layernorm.weight"] = (D,)
         shapes[p + "self_attention.linear_proj.weight"] = (h, H * D)
         shapes[p + "pre_mlp_layernorm.weight"] = (h,)
-        shapes[p + "mlp.linear_fc1.weight"] = (2 * F, h)
-        shapes[p + "mlp.linear_fc2.weight"] = (h, F)
+        if not experts:
+            shapes[p + "mlp.linear_fc1.weight"] = (2 * F, h)
+            shapes[p + "mlp.linear_fc2.weight"] = (h, F)
+            continue
+        shapes[p + "mlp.router.weight"] = (E, h)
+        for e in range(experts):
+            shapes[p + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = (2 * Fe, h)
+            shapes[p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = (h, Fe)
     shapes["decoder.final_layernorm.weight"] = (h,)
     if cfg.untie_embeddings_and_output_weights:
         shapes[km.OUTPUT] = (padded_vocab, h)
@@ -106,13 +129,13 @@ def hf_to_megatron_state(hf: dict[str, torch.Tensor], cfg: ModelConfig, arch: km
                       "lm_head.weight is ignored, as transformers does", stacklevel=2)
     out: dict[str, torch.Tensor] = {}
     out[km.EMBED] = pad_vocab(hf[km.HF_EMBED], padded_vocab)
-    for i in range(cfg.num_layers):
-        for src, dst in km.one_to_one_map(arch, layer=i).items():
+    for i, experts in enumerate(layer_experts(cfg)):
+        for src, dst in km.one_to_one_map(arch, layer=i, experts=experts).items():
             out[dst] = hf[src]
         for dst, (q, k, v) in km.qkv_names(arch, layer=i):
             out[dst] = km.fuse_qkv(hf[q], hf[k], hf[v], num_heads=H, num_groups=G, head_dim=D)
-        dst, (gate, up) = km.fc1_names(layer=i)
-        out[dst] = km.fuse_fc1(hf[gate], hf[up])
+        for dst, (gate, up) in km.fc1_names(arch, layer=i, experts=experts):
+            out[dst] = km.fuse_fc1(hf[gate], hf[up])
     out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
     if not tied:
         out[km.OUTPUT] = pad_vocab(hf[km.HF_LM_HEAD], padded_vocab)
@@ -125,15 +148,15 @@ def megatron_to_hf_state(meg: dict[str, torch.Tensor], cfg: ModelConfig,
     tied = not cfg.untie_embeddings_and_output_weights
     H, G, D, V = cfg.num_attention_heads, cfg.num_query_groups, head_dim(cfg), cfg.vocab_size
     out: dict[str, torch.Tensor] = {km.HF_EMBED: meg[km.EMBED][:V].contiguous()}
-    for i in range(cfg.num_layers):
-        for dst, src in km.one_to_one_map(arch, layer=i).items():
+    for i, experts in enumerate(layer_experts(cfg)):
+        for dst, src in km.one_to_one_map(arch, layer=i, experts=experts).items():
             out[dst] = meg[src]
         for src, names in km.qkv_names(arch, layer=i):
             for name, t in zip(names, km.split_qkv(meg[src], num_heads=H, num_groups=G, head_dim=D)):
                 out[name] = t
-        src, names = km.fc1_names(layer=i)
-        for name, t in zip(names, km.split_fc1(meg[src])):
-            out[name] = t
+        for src, names in km.fc1_names(arch, layer=i, experts=experts):
+            for name, t in zip(names, km.split_fc1(meg[src])):
+                out[name] = t
     out["model.norm.weight"] = meg["decoder.final_layernorm.weight"]
     if not tied:
         out[km.HF_LM_HEAD] = meg[km.OUTPUT][:V].contiguous()

@@ -1,7 +1,9 @@
-"""Config -> megatron-core ``TransformerConfig`` -> ``GPTModel`` (Llama/Qwen shapes).
+"""Config -> megatron-core ``TransformerConfig`` -> ``GPTModel`` (Llama/Qwen shapes, dense or MoE).
 
 Transformer Engine layer specs when TE imports and the model runs on CUDA; megatron-core's
-local (non-TE) spec otherwise, so the same builder serves CPU tests and GPU jobs.
+local (non-TE) spec otherwise, so the same builder serves CPU tests and GPU jobs. MoE models
+(Qwen3-MoE, Mixtral) use megatron-core's decoder block spec, which picks a dense or an MoE layer
+spec per layer from ``moe_layer_freq``; grouped GEMM only with TE.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
@@ -19,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import unwrap_model
 
 from rlad_megatron.config import ModelSection
+from rlad_megatron.distributed.compat import patch_moe_router_without_te
 from rlad_megatron.distributed.groups import ParallelGroups
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,6 +30,35 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _use_te(device: torch.device) -> bool:
+    return device.type == "cuda" and te_available()
+
+
+def moe_config(section: ModelSection, *, device: torch.device) -> dict:
+    """The TransformerConfig fields of an MoE model (empty for a dense one)."""
+    m, p = section.model, section.parallel
+    if not m.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=m.expert_ffn_hidden_size,
+        moe_router_topk=m.moe_router_topk,
+        moe_layer_freq=[int(x) for x in m.moe_layers],
+        # HF: softmax over all experts, top-k, then (norm_topk_prob) renormalise; megatron's
+        # default (softmax over the top-k logits) is the same renormalised distribution.
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not m.moe_norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        # No capacity factor (megatron's default): every token reaches its top-k experts, as in HF.
+        # All-to-all is megatron's dispatcher for EP on GPUs (not run here: no GPU in CI); the CPU
+        # tests run the all-gather one, which gives the same routing.
+        moe_token_dispatcher_type="alltoall" if device.type == "cuda" else "allgather",
+        moe_grouped_gemm=_use_te(device),
+        expert_model_parallel_size=p.expert_model_parallel_size,
+    )
 
 
 def transformer_config(section: ModelSection, *, device: torch.device) -> TransformerConfig:
@@ -63,11 +96,18 @@ def transformer_config(section: ModelSection, *, device: torch.device) -> Transf
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **moe_config(section, device=device),
     )
 
 
-def layer_spec(section: ModelSection, *, device: torch.device):
-    if device.type == "cuda" and te_available():
+def layer_spec(section: ModelSection, *, device: torch.device, config: TransformerConfig | None = None,
+               pp_rank: int = 0):
+    """One layer spec for a dense model; megatron's per-layer block spec (this stage's layers) for MoE."""
+    if section.model.num_experts:
+        assert config is not None, "an MoE layer spec needs the TransformerConfig"
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=_use_te(device), normalization="RMSNorm",
+                                          pp_rank=pp_rank)
+    if _use_te(device):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=section.model.qk_layernorm)
     return get_gpt_layer_local_spec(qk_layernorm=section.model.qk_layernorm, normalization="RMSNorm")
 
@@ -86,9 +126,11 @@ def kernels_line(device: torch.device) -> str:
 def build_gpt_model(section: ModelSection, groups: ParallelGroups, *, device: torch.device) -> GPTModel:
     """One pipeline stage of the model described by ``section`` for this rank."""
     config = transformer_config(section, device=device)
+    if section.model.num_experts and not _use_te(device):
+        patch_moe_router_without_te()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(section, device=device),
+        transformer_layer_spec=layer_spec(section, device=device, config=config, pp_rank=groups.pp_rank),
         vocab_size=section.padded_vocab_size,
         max_sequence_length=section.model.max_position_embeddings,
         pre_process=groups.is_first_stage,
@@ -97,16 +139,20 @@ def build_gpt_model(section: ModelSection, groups: ParallelGroups, *, device: to
         share_embeddings_and_output_weights=not section.model.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=int(section.model.rotary_base),
+        rope_scaling=section.model.rope_scaling,
+        rope_scaling_factor=section.model.rope_scaling_factor,
         pg_collection=groups.collection,
     )
-    # GPTModel knows only the padded vocabulary; checkpoints record the true one (see true_vocab_size).
-    model.true_vocab_size = section.model.vocab_size
+    # What GPTModel does not keep: the true vocabulary (checkpoints record it) and the fields
+    # megatron folds into the rotary embedding or the layer specs (weights.check_model_matches).
+    model.model_config = section.model
     return model.to(device)
 
 
 def true_vocab_size(model: torch.nn.Module) -> int | None:
     """The tokenizer vocabulary a model built by :func:`build_gpt_model` was built for (None otherwise)."""
-    return getattr(unwrap_model(model), "true_vocab_size", None)
+    cfg = getattr(unwrap_model(model), "model_config", None)
+    return None if cfg is None else cfg.vocab_size
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

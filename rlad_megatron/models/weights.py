@@ -35,6 +35,7 @@ from rlad_megatron.distributed.init import single_process_world
 from rlad_megatron.hf import keymaps as km
 from rlad_megatron.hf.checkpoint import (
     MODEL_CONFIG_KEY,
+    checkpoint_kind,
     dist_checkpoint_config,
     dist_checkpoint_path,
     read_checkpoint_config,
@@ -62,18 +63,20 @@ def load_weights(model: torch.nn.Module, path: str | Path, groups: ParallelGroup
     Every rank of the model calls this. Returns the checkpoint's ModelConfig.
     """
     path = Path(path)
-    cfg = read_checkpoint_config(path)
+    kind = checkpoint_kind(path)
+    cfg = read_checkpoint_config(path, kind=kind)
     check_model_matches(model, cfg, path)
     rows = _model_vocab_rows(model, groups)
     if rows is not None and rows < cfg.vocab_size:
         raise ValueError(f"{path}: the model's vocabulary ({rows} rows) is smaller than the checkpoint's "
                          f"vocab_size={cfg.vocab_size}")
-    dist_path = dist_checkpoint_path(path)
+    dist_path = dist_checkpoint_path(path, kind=kind)
     if dist_path is not None:
         load_checkpoint(directory=dist_path, model_chunks=[model], optimizer=None, scheduler=None, rng=False)
         return cfg
     per_stage = cfg.num_layers // groups.pp_size
-    tensors, cfg = stage_tensors(path, range(groups.pp_rank * per_stage, (groups.pp_rank + 1) * per_stage))
+    layers = range(groups.pp_rank * per_stage, (groups.pp_rank + 1) * per_stage)
+    tensors, cfg = stage_tensors(path, layers, kind=kind)
     load_state(model, tensors, vocab_size=cfg.vocab_size, source=str(path))
     return cfg
 
@@ -97,20 +100,24 @@ def load_state(model: torch.nn.Module, full: dict[str, torch.Tensor], *, vocab_s
 def _full_name(local_name: str, sharded: ShardedTensor) -> str:
     """The full-layout name of the global tensor ``sharded`` is a slice of.
 
-    Stacked tensors (decoder layers, and experts within a layer) are keyed without their index;
-    the prepended axes' offsets are the global indices, in the order of the numbers in the
-    parameter's local name. Unstacked ones (embedding, final norm, output layer, and the tied
-    output layer that is a copy of the embedding) are named by their key.
+    The parameter's local name has the full layout's shape with stage-local numbers; megatron
+    gives the global ones in order: those in the key (the layer of a heterogeneous block, e.g. MoE
+    models), then the offsets of the prepended axes (the layer of a stacked block, the expert).
+    A name without numbers (embedding, final norm, output layer) is its key: on the last stage the
+    tied output layer's key is the embedding's.
     """
-    n = sharded.prepend_axis_num
-    if n == 0:
-        return sharded.key
     parts = local_name.split(".")
     numbered = [i for i, p in enumerate(parts) if p.isdigit()]
-    if len(numbered) != n:
-        raise ValueError(f"{local_name}: expected {n} indices for the stacked key {sharded.key!r}")
-    for i, offset in zip(numbered, sharded.global_offset[:n]):
-        parts[i] = str(offset)
+    if not numbered:
+        return sharded.key
+    n = sharded.prepend_axis_num
+    numbers = [p for p in sharded.key.split(".") if p.isdigit()] + [str(o) for o in sharded.global_offset[:n]]
+    if len(numbers) != len(numbered):
+        raise ValueError(f"{local_name}: expected {len(numbered)} global indices from the sharded key "
+                         f"{sharded.key!r} and its {n} prepended axes, got {len(numbers)}")
+    for i, number in zip(numbered, numbers):
+        parts[i] = number
+    # TE-spec models name the pre-norms after the linear layer they are fused into.
     return km.te_to_local_name(".".join(parts))
 
 
@@ -153,6 +160,11 @@ def check_model_matches(model: torch.nn.Module, cfg: ModelConfig, path: Path) ->
         "qk_layernorm": (bool(tc.qk_layernorm), cfg.qk_layernorm),
         "untie_embeddings_and_output_weights": (not tied, cfg.untie_embeddings_and_output_weights),
     }
+    built = getattr(model, "model_config", None)
+    if built is not None:  # built by build_gpt_model: the fields TransformerConfig does not show
+        for key in ("rope_scaling", "rope_scaling_factor", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+                    "moe_layer_pattern", "moe_norm_topk_prob"):
+            pairs[key] = (getattr(built, key), getattr(cfg, key))
     for key, (model_value, ckpt_value) in pairs.items():
         if model_value != ckpt_value:
             raise ValueError(f"{path}: {key}: the model was built with {model_value}, the checkpoint has "

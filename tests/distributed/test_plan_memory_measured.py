@@ -1,8 +1,8 @@
 """The memory planner against what megatron-core really allocates on small configs.
 
 At world sizes 1, 2 and 4 (TP=1, TP=2, PP=2, TP=2 x PP=2, DP up to 2; tied and untied embeddings,
-qkv bias, q/k layernorm, float32 and bfloat16, with and without the distributed optimizer, and at
-world size 1 a few other model shapes) each
+qkv bias, q/k layernorm, float32 and bfloat16, with and without the distributed optimizer, MoE
+models with a dense layer at EP=2 and PP=2, and at world size 1 a few other model shapes) each
 rank builds the student, wraps it with megatron DDP, builds the megatron optimizer, runs one
 forward-backward and ``optimizer.step()`` (so Adam state exists), then one KV-cached
 ``generate()``. Per rank we compare with the planner:
@@ -43,7 +43,7 @@ def _config(case: dict):
         model=ModelConfig(**{**shape, **case["shape"]}, untie_embeddings_and_output_weights=not case["tied"],
                           add_qkv_bias=case["bias"], qk_layernorm=case["qkln"], params_dtype=case["dtype"]),
         parallel=ParallelConfig(tensor_model_parallel_size=case["tp"], pipeline_model_parallel_size=case["pp"],
-                                use_distributed_optimizer=case["dist_opt"]))
+                                use_distributed_optimizer=case["dist_opt"], expert_model_parallel_size=case["ep"]))
     rows = ROWS_PER_REPLICA * case["dp"]
     rl = RLConfig(prompts_per_step=rows // 2, group_size=2, max_new_tokens=NEW, mini_batch_size=rows,
                   micro_batch_size=MICRO)
@@ -75,7 +75,7 @@ def _measure_case(case: dict, world_size: int) -> dict:
 
     cfg = _config(case)
     groups = initialize_model_parallel(tensor_model_parallel_size=case["tp"], pipeline_model_parallel_size=case["pp"],
-                                       seed=0)
+                                       expert_model_parallel_size=case["ep"], seed=0)
     assert groups.dp_size == case["dp"], (groups.dp_size, case)
     cpu = torch.device("cpu")
     model = build_gpt_model(cfg.student, groups, device=cpu)
@@ -136,8 +136,13 @@ def _measure(rank, world_size, cases):
     return [_measure_case(case, world_size) for case in cases]
 
 
-def _case(tp, pp, dp, *, tied=False, bias=False, qkln=False, dtype="float32", dist_opt=False, **shape):
-    return dict(tp=tp, pp=pp, dp=dp, tied=tied, bias=bias, qkln=qkln, dtype=dtype, dist_opt=dist_opt, shape=shape)
+def _case(tp, pp, dp, *, tied=False, bias=False, qkln=False, dtype="float32", dist_opt=False, ep=1, **shape):
+    return dict(tp=tp, pp=pp, dp=dp, tied=tied, bias=bias, qkln=qkln, dtype=dtype, dist_opt=dist_opt, ep=ep,
+                shape=shape)
+
+
+# Qwen3-MoE-shaped: 4 experts of FFN 32, layer 1 dense (mlp_only_layers).
+MOE = dict(num_experts=4, moe_ffn_hidden_size=32, moe_layer_pattern="10")
 
 
 LAYOUTS = {
@@ -146,7 +151,8 @@ LAYOUTS = {
         _case(1, 1, 1, kv_channels=32, num_query_groups=4, qkln=True),
         _case(1, 1, 1, num_layers=3, ffn_hidden_size=96, vocab_size=50, tied=True)],
     2: [_case(2, 1, 1, bias=True, qkln=True), _case(1, 2, 1, tied=True, dtype="bfloat16"),
-        _case(1, 1, 2, dtype="bfloat16", dist_opt=True)],
+        _case(1, 1, 2, dtype="bfloat16", dist_opt=True),
+        _case(1, 1, 2, ep=2, qkln=True, dist_opt=True, **MOE), _case(1, 2, 1, dtype="bfloat16", **MOE)],
     4: [_case(2, 2, 1, qkln=True), _case(2, 2, 1, tied=True, bias=True, dtype="bfloat16"),
         _case(1, 2, 2, tied=True, dist_opt=True), _case(2, 1, 2, qkln=True, dtype="bfloat16", dist_opt=True)],
 }
@@ -172,7 +178,7 @@ def test_planner_matches_allocated_memory(world_size):
             # megatron-core's local spec without apex keeps RMSNorm weights in float32 (see memory_plan).
             planned = student_state_bytes(param_counts(cfg.student)[r["pp_rank"]],
                                           dtype_bytes=DTYPE_BYTES[case["dtype"]], norm_bytes=4, dp=case["dp"],
-                                          distributed_optimizer=case["dist_opt"])
+                                          distributed_optimizer=case["dist_opt"], ep=case["ep"])
             assert r["weight_bytes"] == planned["student_weights"], where
             assert r["main_grad_bytes"] == planned["student_grads"], where
             padding = r["grad_buffer_bytes"] - planned["student_grads"]
@@ -186,7 +192,7 @@ def test_planner_matches_allocated_memory(world_size):
             assert r["kv_layers"] == cfg.student.model.num_layers // case["pp"], where
             assert r["kv_bytes"] == kv_cache_bytes(cfg.student.model, tp=case["tp"], layers=r["kv_layers"],
                                                    rows=ROWS_PER_REPLICA, seq=PROMPT + NEW), where
-        if case["dist_opt"]:
+        if case["dist_opt"] and case["ep"] == 1:  # with EP, DP ranks hold different experts
             for pp_rank in range(case["pp"]):
                 stage_full = student_state_bytes(
                     param_counts(cfg.student)[pp_rank], dtype_bytes=DTYPE_BYTES[case["dtype"]], norm_bytes=4,

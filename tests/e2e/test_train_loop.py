@@ -3,39 +3,16 @@ events readable, checkpoint written, and resuming replays the uninterrupted run'
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.harness import run_distributed
+from tests.helpers import drop_checkpoints_after, read_losses, train_run
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
-
-
-def _train(rank, world_size, overrides, resume):
-    from rlad_megatron.config import load_config
-    from rlad_megatron.distributed.init import init_distributed
-    from rlad_megatron.models.weights import model_state_dict
-    from rlad_megatron.trainer import Trainer
-
-    cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml",
-                      overrides + [f"--checkpoint.resume={'true' if resume else 'false'}"])
-    trainer = Trainer(cfg, init_distributed("cpu"))
-    before = model_state_dict(trainer.student.policy)
-    start = trainer.step
-    trainer.train()
-    after = model_state_dict(trainer.student.policy)
-    moved = any(not torch.equal(before[k], after[k]) for k in before)
-    return {"start": start, "moved": moved}
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def _tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -49,9 +26,9 @@ def _tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_rlad_steps_resume_exactly(tmp_path, tp, pp, rl_overrides):
     overrides = rl_overrides(tmp_path, tp, pp, "full", "rlad", steps=STEPS)
-    results = run_distributed(_train, tp * pp, args=(overrides, False))
+    results = run_distributed(train_run, tp * pp, args=(overrides, False))
     assert all(r["moved"] for r in results), "the student's parameters did not change"
-    full = _losses(tmp_path / "full")
+    full = read_losses(tmp_path / "full")
     assert sorted(full) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for v in full.values()), full
 
@@ -65,25 +42,14 @@ def test_rlad_steps_resume_exactly(tmp_path, tp, pp, rl_overrides):
     ckpts = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_"))
     assert ckpts and ckpts[-1].endswith(str(STEPS)), ckpts
     # Drop the last checkpoint so that resuming starts from step 2, then replay steps 3-4.
-    _drop_checkpoints_after(tmp_path / "ckpt", 2)
+    drop_checkpoints_after(tmp_path / "ckpt", 2)
     resumed_overrides = rl_overrides(tmp_path, tp, pp, "resumed", "rlad", steps=STEPS)
-    results = run_distributed(_train, tp * pp, args=(resumed_overrides, True))
+    results = run_distributed(train_run, tp * pp, args=(resumed_overrides, True))
     assert {r["start"] for r in results} == {2}
-    resumed = _losses(tmp_path / "resumed")
+    resumed = read_losses(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == full[step], (step, resumed[step], full[step])
-
-
-def _drop_checkpoints_after(save_dir: Path, step: int) -> None:
-    """Resume picks the newest complete step directory; remove those after ``step``."""
-    import shutil
-
-    from rlad_megatron.checkpointing.files import step_of
-
-    for p in save_dir.iterdir():
-        if (step_of(p) or 0) > step:
-            shutil.rmtree(p)
 
 
 def _one_step_each(rank, world_size, base_overrides):

@@ -502,8 +502,8 @@ def _weights_cases(tmp: Path, hf_dir: Path) -> list[tuple[str, Path, dict, type,
     (bad / "megatron_config.yaml").write_text("- 1\n- 2\n")
     cases.append(("weights_config_not_mapping", bad, {}, ValueError, [str(bad / "megatron_config.yaml")]))
     bad = converted("config_yaml_unknown")
-    _yaml_edit(bad / "megatron_config.yaml", num_experts=8)
-    cases.append(("weights_config_unknown_key", bad, {}, ValueError, ["num_experts"]))
+    _yaml_edit(bad / "megatron_config.yaml", sliding_window=4096)
+    cases.append(("weights_config_unknown_key", bad, {}, ValueError, ["sliding_window"]))
     bad = converted("config_yaml_type")
     _yaml_edit(bad / "megatron_config.yaml", num_layers="two")
     cases.append(("weights_config_wrong_type", bad, {}, ValueError, [str(bad / "megatron_config.yaml"),

@@ -65,3 +65,22 @@ def test_megatron_still_needs_the_patch(name):
     assert "CUDA" in plain.stderr or "cuda" in plain.stderr, plain.stderr[-2000:]
     patched = _run(_NEEDS[name], with_shim=True)
     assert patched.returncode == 0, patched.stderr[-2000:]
+
+
+_MOE_ROUTER = """
+from megatron.core.transformer.moe.moe_utils import router_gating_linear
+router_gating_linear(torch.ones(3, 4), torch.ones(2, 4), None, torch.float32)
+"""
+
+
+def test_moe_router_still_needs_the_patch():
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("the router patch applies only without Transformer Engine")
+    plain = _run(_MOE_ROUTER, with_shim=False)
+    assert plain.returncode != 0, "megatron-core no longer needs patch_moe_router_without_te: remove it"
+    assert "te_general_gemm" in plain.stderr, plain.stderr[-2000:]
+    patch = "from rlad_megatron.distributed.compat import patch_moe_router_without_te\npatch_moe_router_without_te()\n"
+    patched = _run(patch + _MOE_ROUTER, with_shim=True)
+    assert patched.returncode == 0, patched.stderr[-2000:]

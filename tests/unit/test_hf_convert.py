@@ -144,9 +144,9 @@ def test_unknown_model_type(tmp_path):
 def test_unsupported_rope_scaling(tmp_path):
     hf_dir = save_tiny_hf(tmp_path / "hf", "llama")
     config = json.loads((hf_dir / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}
     (hf_dir / "config.json").write_text(json.dumps(config))
-    _assert_fails_cleanly(tmp_path, "rope_type.*llama3")
+    _assert_fails_cleanly(tmp_path, "rope_type.*yarn")
 
 
 def test_missing_tensor_is_named(tmp_path):

@@ -1,24 +1,11 @@
-"""The one typed config tree of rlad-megatron.
-
-YAML file -> nested dataclasses, then ``--section.key=value`` overrides. Unknown keys and
-invalid values raise :class:`ConfigError` naming the dotted key, the expected and the actual
-value. Each component receives only its own sub-config.
-"""
+"""The config tree's dataclasses: one per component, each validating itself (loading: loader.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-import yaml
-
-from rlad_megatron.atomic import write_text_atomic
 from rlad_megatron.objectives.registry import objective_names
 
 
@@ -47,6 +34,24 @@ class ModelConfig:
     kv_channels: Optional[int] = None
     init_method_std: float = 0.02
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Llama 3.x RoPE scaling (HF rope_type 'llama3'). megatron-core's RotaryEmbedding fixes
+    # low_freq_factor=1, high_freq_factor=4 and original_max_position_embeddings=8192, so only
+    # the factor is a setting (hf/config_map.py refuses checkpoints with other constants).
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    # Mixture of experts (0: dense): routed experts only, softmax router, top-k.
+    num_experts: int = 0
+    moe_router_topk: int = 2
+    # Expert FFN size (HF moe_intermediate_size); None: ffn_hidden_size. Dense layers keep ffn_hidden_size.
+    moe_ffn_hidden_size: Optional[int] = None
+    # One character per layer, '1' MoE and '0' dense (Qwen3-MoE mlp_only_layers / decoder_sparse_step);
+    # None: every layer is MoE.
+    moe_layer_pattern: Optional[str] = None
+    # HF norm_topk_prob: renormalise the top-k routing weights to sum to 1 (Mixtral always does);
+    # False is megatron's moe_router_pre_softmax (softmax over all experts, top-k weights kept).
+    moe_norm_topk_prob: bool = True
+    # Router load-balancing loss coefficient (0: off). Must be 0 for a frozen teacher.
+    moe_aux_loss_coeff: float = 0.0
 
     def validate(self, name: str) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -62,6 +67,44 @@ class ModelConfig:
             raise ConfigError(
                 f"{name}.hidden_size: expected a multiple of num_attention_heads="
                 f"{self.num_attention_heads} (or set kv_channels), got {self.hidden_size}")
+        if self.rope_scaling and self.rope_scaling_factor < 1.0:
+            raise ConfigError(f"{name}.rope_scaling_factor: expected >= 1, got {self.rope_scaling_factor}")
+        self._validate_moe(name)
+
+    @property
+    def moe_layers(self) -> list[bool]:
+        """Per layer: does it hold routed experts."""
+        if not self.num_experts:
+            return [False] * self.num_layers
+        if self.moe_layer_pattern is None:
+            return [True] * self.num_layers
+        return [c == "1" for c in self.moe_layer_pattern]
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    def _validate_moe(self, name: str) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"{name}.num_experts: expected >= 0 (0: dense), got {self.num_experts}")
+        if not self.num_experts:
+            for key, dense in (("moe_layer_pattern", None), ("moe_ffn_hidden_size", None)):
+                if getattr(self, key) != dense:
+                    raise ConfigError(f"{name}.{key}: expected null for a dense model (num_experts=0), "
+                                      f"got {getattr(self, key)!r}")
+            return
+        if not 1 <= self.moe_router_topk <= self.num_experts:
+            raise ConfigError(f"{name}.moe_router_topk: expected 1..num_experts={self.num_experts}, "
+                              f"got {self.moe_router_topk}")
+        if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size <= 0:
+            raise ConfigError(f"{name}.moe_ffn_hidden_size: expected a positive integer or null, "
+                              f"got {self.moe_ffn_hidden_size}")
+        pattern = self.moe_layer_pattern
+        if pattern is not None and (len(pattern) != self.num_layers or set(pattern) - {"0", "1"}):
+            raise ConfigError(f"{name}.moe_layer_pattern: expected {self.num_layers} characters '0' (dense) "
+                              f"or '1' (MoE), one per layer, got {pattern!r}")
+        if self.moe_aux_loss_coeff < 0:
+            raise ConfigError(f"{name}.moe_aux_loss_coeff: expected >= 0, got {self.moe_aux_loss_coeff}")
 
 
 @dataclass
@@ -70,9 +113,11 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # Experts split over EP ranks (MoE models only); expert weights are TP-split like dense ones.
+    expert_model_parallel_size: int = 1
 
     def validate(self, name: str) -> None:
-        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{name}.{key}: expected >= 1, got {getattr(self, key)}")
 
@@ -108,6 +153,16 @@ class ModelSection:
             raise ConfigError(
                 f"{name}.parallel.pipeline_model_parallel_size: expected a divisor of "
                 f"{name}.model.num_layers={m.num_layers}, got {pp}")
+        ep = self.parallel.expert_model_parallel_size
+        if ep > 1 and not m.num_experts:
+            raise ConfigError(f"{name}.parallel.expert_model_parallel_size: expected 1 for a dense model "
+                              f"({name}.model.num_experts=0), got {ep}")
+        if m.num_experts and m.num_experts % ep:
+            raise ConfigError(f"{name}.parallel.expert_model_parallel_size: expected a divisor of "
+                              f"{name}.model.num_experts={m.num_experts}, got {ep}")
+        if m.num_experts and m.expert_ffn_hidden_size % tp:
+            raise ConfigError(f"{name}.parallel.tensor_model_parallel_size: expected a divisor of the expert "
+                              f"FFN size {m.expert_ffn_hidden_size} ({name}.model.moe_ffn_hidden_size), got {tp}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -295,189 +350,26 @@ class Config:
             raise ConfigError(
                 f"teacher.model.vocab_size: expected {self.student.model.vocab_size} (the student's), "
                 f"got {self.teacher.model.vocab_size}")
+        sm = self.student.model
+        if sm.num_experts and self.student.parallel.tensor_model_parallel_size > 1:
+            # megatron-core's MoELayer trains at TP > 1 only with sequence parallelism, and generation
+            # needs a model without it; experts scale over expert_model_parallel_size instead.
+            raise ConfigError("student.parallel.tensor_model_parallel_size: expected 1 for an MoE student (megatron "
+                              "trains MoE at TP > 1 only with sequence parallelism, which rollouts cannot use), "
+                              f"got {self.student.parallel.tensor_model_parallel_size}")
+        if self.teacher.model.num_experts and self.teacher.model.moe_aux_loss_coeff:
+            raise ConfigError("teacher.model.moe_aux_loss_coeff: expected 0 (the teacher is frozen; a router "
+                              f"loss would train nothing), got {self.teacher.model.moe_aux_loss_coeff}")
         # One megatron parallel_state grid serves both models for now.
         sp, tp_ = self.student.parallel, self.teacher.parallel
+        if (self.student.model.num_experts and self.teacher.model.num_experts
+                and sp.expert_model_parallel_size != tp_.expert_model_parallel_size):
+            raise ConfigError(
+                f"teacher.parallel.expert_model_parallel_size: expected {sp.expert_model_parallel_size} (the "
+                f"student's; separate teacher grids are not supported yet), got {tp_.expert_model_parallel_size}")
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(sp, key) != getattr(tp_, key):
                 raise ConfigError(
                     f"teacher.parallel.{key}: expected {getattr(sp, key)} (the student's; separate "
                     f"teacher grids are not supported yet), got {getattr(tp_, key)}")
         return self
-
-
-# ---------------------------------------------------------------- loading and overrides
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; int->float is the only silent widening."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a boolean, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # PyYAML reads 1e-5 (no dot) and inf as strings; accept any float literal.
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
-
-
-# Keys that moved, so an old config names the new place.
-_MOVED = {"student.model.load": "student.load", "teacher.model.load": "teacher.load"}
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            hint = f"; moved to {_MOVED[where]}" if where in _MOVED else ""
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))}){hint}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """``['--rl.group_size=8', '--distill.objective', 'grpo']`` -> nested dict (YAML-typed values)."""
-    tree: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"{arg}: expected an override of the form --section.key=value")
-        body = arg[2:]
-        if "=" in body:
-            key, raw = body.split("=", 1)
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{body}: override has no value")
-            key, raw = body, args[i + 1]
-            i += 1
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(tree, key, value)
-        i += 1
-    return tree
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _yaml_error_line(e: yaml.YAMLError) -> str:
-    """PyYAML's multi-line message as one line: the problem and where it is."""
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
-
-
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load ``path`` (YAML), apply ``--a.b=c`` overrides, build and validate the tree."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: expected UTF-8 YAML, got byte 0x{e.object[e.start]:02x} "
-                              f"at offset {e.start}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({_yaml_error_line(e)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    data = _merge(data, parse_overrides(list(overrides or [])))
-    try:
-        return _build(Config, data, "").validate()
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
-
-
-def load_config_or_exit(path: Optional[str | Path], overrides: Optional[list[str]] = None, *,
-                        exit_code: int = 2) -> Config:
-    """For entry points: the config, or its one-line error on stderr and ``SystemExit(exit_code)``."""
-    try:
-        return load_config(path, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(exit_code) from None
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def save_config(cfg: Any, directory: str | Path) -> Path:
-    """Write the resolved config to ``directory/config.yaml`` atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    out = directory / "config.yaml"
-    write_text_atomic(out, to_yaml(cfg))
-    return out
