@@ -108,16 +108,17 @@ def test_verify_cli_on_the_new_families(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    runs = {"llama3": [sys.executable], "qwen3_moe": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     "--nproc-per-node", "2"]}
-    for family, launcher in runs.items():
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    # (launcher, layout, expected EP): Mixtral at EP=2 x TP=2 on 4 ranks.
+    runs = {"llama3": ([sys.executable], [], 1), "qwen3_moe": ([*torchrun, "2"], ["--pp", "2"], 1),
+            "mixtral": ([*torchrun, "4"], ["--tp", "2", "--ep", "2"], 2)}
+    for family, (launcher, layout, ep) in runs.items():
         hf_dir = save_tiny_hf(tmp_path / f"{family}_hf", family)
         convert_hf_to_megatron(hf_dir=hf_dir, out_dir=tmp_path / f"{family}_meg")
-        layout = [] if len(launcher) == 1 else ["--pp", "2"]
         proc = subprocess.run(
             [*launcher, str(root / "checkpoints_convert" / "verify.py"), "--hf", str(hf_dir), "--megatron",
              str(tmp_path / f"{family}_meg"), "--seq", "40", "--tolerance", "1e-4", *layout],
             capture_output=True, text=True, env=env, timeout=240, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
-        assert report["pass"] and report["ep"] == 1 and report["max_abs_diff"] < 1e-4, (family, report)
+        assert report["pass"] and report["ep"] == ep and report["max_abs_diff"] < 1e-4, (family, report)
