@@ -108,3 +108,13 @@ def test_logprob_mismatch_against_a_loop_reference():
         logprob_mismatch(lp_old, lp, mask.float())
     with pytest.raises(ValueError, match="one shape"):
         logprob_mismatch(lp_old, lp[:, :3], mask)
+
+
+def test_rl_config_rollout_fields():
+    from rlad_megatron.config import ConfigError, load_config
+
+    cfg = load_config(None, ["--rl.max_rollout_rows=8", "--rl.cuda_graphs=true"])
+    assert cfg.rl.max_rollout_rows == 8 and cfg.rl.cuda_graphs is True
+    assert load_config(None, []).rl.max_rollout_rows == 0  # default: every row at once
+    with pytest.raises(ConfigError, match=r"rl\.max_rollout_rows: expected >= 0"):
+        load_config(None, ["--rl.max_rollout_rows=-1"])
