@@ -38,12 +38,14 @@ supported while sampling (megatron's static inference path does not support it e
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from rlad_megatron.distributed.groups import ParallelGroups
+from rlad_megatron.rl.graphed_decode import DecodeSteps, check_supported
 from rlad_megatron.rl.rollout_pool import PoolStats, RowPool
 from rlad_megatron.rl.sampling import validate_sampling_args
 
@@ -117,7 +119,8 @@ def rollout_row_seeds(*, seed: int, step: int, prompt_indices: Sequence[int], gr
 def generate(*, model: torch.nn.Module, groups: ParallelGroups, prompts: list[list[int]], max_new_tokens: int,
              temperature: float, top_p: float = 1.0, eos_id: int | None, pad_id: int, vocab_size: int,
              generator: torch.Generator | None, use_kv_cache: bool = True,
-             row_seeds: Sequence[int] | torch.Tensor | None = None, max_rows: int | None = None) -> RolloutBatch:
+             row_seeds: Sequence[int] | torch.Tensor | None = None, max_rows: int | None = None,
+             cuda_graphs: bool = False) -> RolloutBatch:
     """Sample up to ``max_new_tokens`` tokens after each prompt; every rank returns the same batch.
 
     ``model`` is this rank's GPTModel stage (switched to eval mode for the call and restored).
@@ -131,6 +134,8 @@ def generate(*, model: torch.nn.Module, groups: ParallelGroups, prompts: list[li
     model's device, seeded identically on every rank; None: torch's default generator), which
     makes the tokens depend on the whole call's seed but still not on ``max_rows``.
     ``max_rows`` (None or 0: all rows): at most this many rows in the KV caches at once.
+    ``cuda_graphs``: decode steps run with fixed shapes (rl/graphed_decode.py), captured as CUDA
+    graphs on a CUDA model; on CPU the same fixed-shape step runs eagerly (a warning says so).
     """
     _validate(model=model, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
               vocab_size=vocab_size, pad_id=pad_id, eos_id=eos_id)
@@ -141,19 +146,31 @@ def generate(*, model: torch.nn.Module, groups: ParallelGroups, prompts: list[li
         raise ValueError(f"generator: expected a torch.Generator on {device.type} (the model's device), "
                          f"got one on {generator.device.type}")
     seeds_B = _row_seeds_tensor(row_seeds, rows=len(prompts), generator=generator, device=device)
+    decode_steps = _decode_steps(model, groups, device) if cuda_graphs and use_kv_cache else None
     was_training = model.training
     model.eval()
     try:
         pool = RowPool(model=model, groups=groups, prompts=prompts, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
                        seeds_B=seeds_B, use_kv_cache=use_kv_cache, max_rows=max_rows or len(prompts),
-                       device=device)
+                       device=device, decode_steps=decode_steps)
         stats = pool.run()
     finally:
         if groups.pp_size > 1:
             model.set_input_tensor(None)
         model.train(was_training)
     return _batch(pool, stats)
+
+
+def _decode_steps(model, groups: ParallelGroups, device: torch.device) -> DecodeSteps | None:
+    reason = check_supported(model, groups)
+    if reason is not None:
+        warnings.warn(f"cuda_graphs: ignored for this model ({reason}); decoding with megatron's step", stacklevel=3)
+        return None
+    if device.type != "cuda":
+        warnings.warn(f"cuda_graphs: the model is on {device.type}, not CUDA; the fixed-shape decode step "
+                      "runs eagerly", stacklevel=3)
+    return DecodeSteps(model, capture=device.type == "cuda")
 
 
 def _row_seeds_tensor(row_seeds, *, rows: int, generator: torch.Generator | None,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from rlad_megatron.rl.graphed_decode import DecodeSteps
 from rlad_megatron.rl.rollout_stage import PipelineStage
 from rlad_megatron.rl.sampling import sample_tokens_seeded, token_logprobs
 
@@ -36,7 +37,7 @@ _COMPACT_WHEN_LIVE_FRACTION = 0.75
 _MIN_COHORT_FRACTION = 0.25
 
 
-@dataclass
+@dataclass(eq=False)
 class _Cohort:
     rows_b: torch.Tensor  # global row ids, in cache order
     context: StaticInferenceContext | None
@@ -53,13 +54,17 @@ class PoolStats:
     cohorts: int = 0
     max_cached_rows: int = 0
     cohort_sizes: list[int] = field(default_factory=list)
+    # Sum over cached forwards of rows x positions attended: the K/V entries read (roofline bytes).
+    kv_row_positions: int = 0
+    fixed_shape_steps: int = 0  # decode steps run by graphed_decode.DecodeSteps
 
 
 class RowPool:
     """One generate() call: the token buffers, the cohorts and the step loop."""
 
     def __init__(self, *, model, groups, prompts, max_new_tokens, temperature, top_p, eos_id, pad_id, vocab_size,
-                 seeds_B: torch.Tensor, use_kv_cache: bool, max_rows: int, device):
+                 seeds_B: torch.Tensor, use_kv_cache: bool, max_rows: int, device,
+                 decode_steps: DecodeSteps | None = None):
         self.device, self.use_kv_cache = device, use_kv_cache
         self.n_new, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.eos_id, self.vocab_size, self.seeds_B = eos_id, vocab_size, seeds_B
@@ -76,6 +81,7 @@ class RowPool:
         self.done_B = torch.zeros(rows, dtype=torch.bool, device=device)
         self.eos_B = torch.zeros(rows, dtype=torch.bool, device=device)
         self.pipe = PipelineStage(model, groups, device)
+        self.decode_steps = decode_steps if use_kv_cache else None
         self.stats = PoolStats()
 
     def run(self) -> PoolStats:
@@ -87,7 +93,11 @@ class RowPool:
             self.stats.loop_steps += 1
             for cohort in cohorts:
                 self._step(cohort)
-            cohorts = [c for c in cohorts if not bool(self.done_B[c.rows_b].all())]
+            finished = [c for c in cohorts if bool(self.done_B[c.rows_b].all())]
+            for cohort in finished:
+                if self.decode_steps is not None and cohort.context is not None:
+                    self.decode_steps.release(cohort.context)
+            cohorts = [c for c in cohorts if c not in finished]  # identity (eq=False)
             for cohort in cohorts:
                 live_b = ~self.done_B[cohort.rows_b]
                 if waiting or live_b.sum() <= _COMPACT_WHEN_LIVE_FRACTION * cohort.rows_b.numel():
@@ -110,8 +120,15 @@ class RowPool:
     def _step(self, c: _Cohort) -> None:
         # Feed positions [start, pos) of the cohort's rows; the last logits predict position `pos`.
         first = c.start if c.context is not None else 0
-        logits_bV = self.pipe.forward(self.tokens_BL[c.rows_b, first:c.pos], first, c.context)
+        ids_bS = self.tokens_BL[c.rows_b, first:c.pos]
+        if self.decode_steps is not None and c.context.is_decode_only():
+            logits_bV = self.decode_steps.step(c.context, ids_bS, first)
+            self.stats.fixed_shape_steps += 1
+        else:
+            logits_bV = self.pipe.forward(ids_bS, first, c.context)
         self.stats.forward_calls += 1
+        if c.context is not None:
+            self.stats.kv_row_positions += c.rows_b.numel() * c.pos
         sampling_b = (self.prompt_len_B[c.rows_b] <= c.pos) & ~self.done_B[c.rows_b]
         rows_a = c.rows_b[sampling_b]
         if rows_a.numel():
@@ -139,6 +156,14 @@ class RowPool:
     def _compact(self, c: _Cohort, live_b: torch.Tensor) -> None:
         if bool(live_b.all()):
             return
+        if self.decode_steps is not None:
+            # Graphs are captured per batch size: shrink only to power-of-two buckets, padding with
+            # finished rows (computed, never sampled), so a cohort is captured at most log2(b) + 1 times.
+            bucket = 1 << (int(live_b.sum()) - 1).bit_length()
+            if bucket >= c.rows_b.numel():
+                return
+            live_b = live_b.clone()
+            live_b[(~live_b).nonzero().squeeze(-1)[:bucket - int(live_b.sum())]] = True
         keep_b = live_b.nonzero().squeeze(-1)
         if c.context is not None:
             memory = c.context.key_value_memory_dict

@@ -3,13 +3,16 @@
 Per layout (one distributed call): 4 prompts x 4 samples = 16 rows, with EOS chosen so rows
 stop at different lengths. The pool holds at most 4 rows (1/4) in its KV caches and admits the
 others as rows finish; its greedy and sampled tokens, masks and log-probs must equal the one-batch
-rollout's, for explicit row seeds and for seeds drawn from a generator. Reversing the row order
-reverses the tokens (a row's stream is its own). At TP=2 the sampler's log-probs are compared with
-a training forward of the same tokens (vocab-parallel log-probs of the TP-sharded logits): the
-``rollout/logprob_mismatch`` metric must be ~0 in float32.
+rollout's, for explicit row seeds and for seeds drawn from a generator; so must the fixed-shape
+decode step of ``cuda_graphs=True`` (run eagerly on CPU; at PP=2 it falls back to megatron's
+step). Reversing the row order reverses the tokens (a row's stream is its own). At TP=2 the
+sampler's log-probs are compared with a training forward of the same tokens (vocab-parallel
+log-probs of the TP-sharded logits): the ``rollout/logprob_mismatch`` metric must be ~0 in float32.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -83,6 +86,11 @@ def _run(rank, world_size, tp, pp, prompts, seed):
         assert one.stats.cohorts == 1 and one.stats.max_cached_rows == len(rows)
         assert pool.stats.max_cached_rows <= budget and pool.stats.cohorts > 1
         assert len(set(one.response_lengths_B.tolist())) > 1, "EOS did not spread the response lengths"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "runs eagerly" on CPU, "ignored" at PP=2
+            fixed = gen(eos_id=eos_id, max_rows=budget, cuda_graphs=True, **kw)
+        _same(fixed, one, lp_tol=1e-5)
+        assert (fixed.stats.fixed_shape_steps > 0) == (pp == 1)
         out[name] = one
     # Seeds drawn from a generator: the schedule still does not matter.
     drawn = [gen(row_seeds=None, generator=torch.Generator().manual_seed(seed), max_rows=m, **sampling)
