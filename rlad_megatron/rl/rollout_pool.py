@@ -34,7 +34,7 @@ from rlad_megatron.rl.sampling import sample_tokens_seeded, token_logprobs
 # Without waiting rows, drop finished rows from a cohort's cache when at most this fraction is live.
 _COMPACT_WHEN_LIVE_FRACTION = 0.75
 # A new cohort is admitted once this fraction of the pool's budget is free (or every waiting row fits).
-_MIN_COHORT_FRACTION = 0.25
+_MIN_COHORT_FRACTION = 0.5
 
 
 @dataclass(eq=False)
@@ -57,6 +57,7 @@ class PoolStats:
     # Sum over cached forwards of rows x positions attended: the K/V entries read (roofline bytes).
     kv_row_positions: int = 0
     fixed_shape_steps: int = 0  # decode steps run by graphed_decode.DecodeSteps
+    graph_captures: int = 0  # CUDA graphs captured for them (0 on CPU: the steps run eagerly)
 
 
 class RowPool:
@@ -102,6 +103,8 @@ class RowPool:
                 live_b = ~self.done_B[cohort.rows_b]
                 if waiting or live_b.sum() <= _COMPACT_WHEN_LIVE_FRACTION * cohort.rows_b.numel():
                     self._compact(cohort, live_b)
+        if self.decode_steps is not None:
+            self.stats.graph_captures = self.decode_steps.captures
         return self.stats
 
     def _admit(self, waiting: deque, cohorts: list[_Cohort]) -> None:
