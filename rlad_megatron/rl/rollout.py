@@ -138,14 +138,13 @@ def generate(*, model: torch.nn.Module, groups: ParallelGroups, prompts: list[li
     graphs on a CUDA model; on CPU the same fixed-shape step runs eagerly (a warning says so).
     """
     _validate(model=model, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-              vocab_size=vocab_size, pad_id=pad_id, eos_id=eos_id)
-    if max_rows is not None and max_rows < 0:
-        raise ValueError(f"max_rows: expected >= 0 (0 or None: all rows), got {max_rows}")
+              vocab_size=vocab_size, pad_id=pad_id, eos_id=eos_id, max_rows=max_rows, row_seeds=row_seeds)
     device = next(model.parameters()).device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator: expected a torch.Generator on {device.type} (the model's device), "
                          f"got one on {generator.device.type}")
-    seeds_B = _row_seeds_tensor(row_seeds, rows=len(prompts), generator=generator, device=device)
+    seeds_B = _row_seeds_tensor(row_seeds, rows=len(prompts), generator=generator, device=device,
+                                greedy=temperature == 0.0)
     decode_steps = _decode_steps(model, groups, device) if cuda_graphs and use_kv_cache else None
     was_training = model.training
     model.eval()
@@ -173,13 +172,13 @@ def _decode_steps(model, groups: ParallelGroups, device: torch.device) -> Decode
     return DecodeSteps(model, capture=device.type == "cuda")
 
 
-def _row_seeds_tensor(row_seeds, *, rows: int, generator: torch.Generator | None,
-                      device: torch.device) -> torch.Tensor:
+def _row_seeds_tensor(row_seeds, *, rows: int, generator: torch.Generator | None, device: torch.device,
+                      greedy: bool) -> torch.Tensor:
+    if row_seeds is None and greedy:  # unused: do not advance the caller's (or torch's default) generator
+        return torch.zeros(rows, dtype=torch.int64, device=device)
     if row_seeds is None:
         return torch.randint(0, 2**62, (rows,), generator=generator, device=device, dtype=torch.int64)
     seeds_B = torch.as_tensor(row_seeds, dtype=torch.int64).to(device)
-    if seeds_B.shape != (rows,):
-        raise ValueError(f"row_seeds: expected one seed per row ({rows}), got shape {tuple(seeds_B.shape)}")
     if bool((seeds_B < 0).any()):
         raise ValueError(f"row_seeds: expected seeds in [0, 2**63), got {seeds_B[seeds_B < 0][:5].tolist()}")
     return seeds_B
@@ -195,8 +194,13 @@ def _batch(pool: RowPool, stats: PoolStats) -> RolloutBatch:
                         response_lengths_B=pool.response_len_B, stopped_at_eos_B=pool.eos_B, stats=stats)
 
 
-def _validate(*, model, prompts, max_new_tokens, temperature, top_p, vocab_size, pad_id, eos_id) -> None:
+def _validate(*, model, prompts, max_new_tokens, temperature, top_p, vocab_size, pad_id, eos_id, max_rows=None,
+              row_seeds=None) -> None:
     validate_sampling_args(temperature=temperature, top_p=top_p)
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_rows: expected >= 0 (0 or None: all rows), got {max_rows}")
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"row_seeds: expected one seed per row ({len(prompts)}), got {len(row_seeds)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     if not prompts:
