@@ -20,7 +20,7 @@ export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 {
   echo "# gpu_suite $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-  $PY -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'mcore', m.__version__)" 2>&1
+  $PY -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'mcore', m.__version__)" 2>/dev/null
 } > "$REPORT"
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -29,7 +29,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  grep -v -i "warn" "$OUT/$name.log" | tail -n 40 >> "$REPORT"
+  grep -v -E "Warning: |warnings\.warn\(" "$OUT/$name.log" | tail -n 40 >> "$REPORT"
   echo "[$name: rc=$rc, $((SECONDS - start)) s]" >> "$REPORT"
 }
 
