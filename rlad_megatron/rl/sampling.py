@@ -7,13 +7,12 @@ The rollout gathers the last-position logits across TP once per step (``[B, V]``
 to the KV cache), so everything here is plain single-device code: every TP rank runs it on the
 same gathered logits with the same row seeds.
 
-Per-row random streams (``sample_tokens_seeded``): the noise for row ``i`` at position ``t`` is a
-counter-based hash of (row seed, t, vocab id), not a draw from a shared generator. A row's token
-therefore depends only on its own logits, seed and position: not on which other rows share the
-batch, their order, or when the row was admitted (the row pool relies on this). The hash is
-integer arithmetic on int64 tensors, so CPU and CUDA produce the same noise and a CUDA graph can
-capture it. Sampling is Gumbel-max: argmax(logits / T + Gumbel noise) over the nucleus draws from
-softmax(logits / T) renormalised on the nucleus.
+Per-row random streams (``sample_tokens_seeded``): the uniform for row ``i`` at position ``t`` is
+a counter-based hash of (row seed, t), not a draw from a shared generator. A row's token therefore
+depends only on its own logits, seed and position: not on which other rows share the batch, their
+order, or when the row was admitted (the row pool relies on this). The hash is integer arithmetic
+on int64 tensors, so CPU and CUDA produce the same uniforms and a CUDA graph can capture it. The
+token is the inverse CDF of softmax(logits / T), renormalised on the top-p nucleus, at that uniform.
 
 Padded vocabulary ids (``Vt <= id < V``) are never sampled and are left out of the
 log-softmax normaliser: the policy is the distribution over the true vocabulary.
@@ -71,14 +70,17 @@ def sample_tokens_seeded(logits_BV: torch.Tensor, *, vocab_size: int, temperatur
     logits_BVt = true_vocab_logits(logits_BV, vocab_size)
     if temperature == 0.0:
         return logits_BVt.argmax(dim=-1)
-    scaled_BVt = logits_BVt / temperature
-    uniform_BVt = row_uniforms(seeds_B, positions_B, logits_BVt.shape[-1])
-    # Gumbel(0, 1) = -log(-log U); float64 so that U close to 1 keeps its resolution.
-    scores_BVt = scaled_BVt + (-torch.log(-torch.log(uniform_BVt))).float()
+    probs_BVt = torch.softmax(logits_BVt / temperature, dim=-1)
     if top_p < 1.0:
-        kept_BVt = top_p_filter(torch.softmax(scaled_BVt, dim=-1), top_p) > 0
-        scores_BVt = scores_BVt.masked_fill(~kept_BVt, float("-inf"))
-    return scores_BVt.argmax(dim=-1)
+        probs_BVt = top_p_filter(probs_BVt, top_p)
+    # Inverse CDF with one hashed uniform per row and step (Gumbel-max would hash one per vocab
+    # entry, ~40 integer ops on every [B, V] element). float64 so the CDF of a 100k-entry
+    # vocabulary keeps its resolution. A zero-probability token has cdf[i] == cdf[i - 1] and can
+    # never be the first entry above u.
+    cdf_BVt = probs_BVt.double().cumsum(dim=-1)
+    u_B1 = row_uniforms(seeds_B, positions_B, 1) * cdf_BVt[:, -1:]
+    tokens_B = torch.searchsorted(cdf_BVt, u_B1, right=True).squeeze(-1)
+    return tokens_B.clamp(max=logits_BVt.shape[-1] - 1)
 
 
 _MASK32 = 0xFFFFFFFF
