@@ -21,7 +21,6 @@ attention output gate, no MoE; :func:`check_supported` says why otherwise.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
@@ -87,7 +86,7 @@ def _decode_body(model, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor,
     positions_b1 = pos_1.expand_as(ids_b1)
     hidden_1bH = model.embedding(input_ids=ids_b1, position_ids=positions_b1)
     slots_L = torch.arange(freqs_L11d.shape[0], device=ids_b1.device)
-    attend_11L = (slots_L <= pos_1).view(1, 1, 1, -1)  # [b, n, 1, Lc] broadcast; True = attend
+    attend_111L = (slots_L <= pos_1).view(1, 1, 1, -1)  # True = attend; broadcast over [b, g, n / g, Lc]
     freqs_q_111d = freqs_L11d.index_select(0, pos_1)
     for layer in model.decoder.layers:
         attn = layer.self_attention
@@ -100,14 +99,8 @@ def _decode_body(model, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor,
         # Megatron caches keys without RoPE and rotates the whole cached prefix each step; same here.
         query_1bnd = apply_rotary_pos_emb(query_1bnd, freqs_q_111d, config=config, cp_group=cp_group)
         keys_Lbgd = apply_rotary_pos_emb(key_Lbgd, freqs_L11d, config=config, cp_group=cp_group)
-        heads_per_group = query_1bnd.shape[2] // keys_Lbgd.shape[2]
-        # [b, n, 1, d] x [b, n, Lc, d]; GQA: query head i reads group i // heads_per_group, as megatron's.
-        q_bn1d = query_1bnd.permute(1, 2, 0, 3)
-        k_bnLd = keys_Lbgd.permute(1, 2, 0, 3).repeat_interleave(heads_per_group, dim=1)
-        v_bnLd = value_Lbgd.permute(1, 2, 0, 3).repeat_interleave(heads_per_group, dim=1)
-        scale = getattr(attn.core_attention, "softmax_scale", None) or config.softmax_scale
-        ctx_bn1d = F.scaled_dot_product_attention(q_bn1d, k_bnLd, v_bnLd, attn_mask=attend_11L, scale=scale)
-        ctx_1bD = ctx_bn1d.permute(2, 0, 1, 3).reshape(1, ctx_bn1d.shape[0], -1)
+        ctx_1bD = _attend(query_1bnd[0], keys_Lbgd, value_Lbgd, attend_111L,
+                          scale=getattr(attn.core_attention, "softmax_scale", None) or config.softmax_scale)
         out_1bH, bias = attn.linear_proj(ctx_1bD)
         hidden_1bH = residual_1bH + (out_1bH if bias is None else out_1bH + bias)
         out_1bH, bias = layer.mlp(layer.pre_mlp_layernorm(hidden_1bH))
@@ -117,6 +110,23 @@ def _decode_body(model, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor,
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
     logits_1bV, _ = model.output_layer(hidden_1bH, weight=weight, runtime_gather_output=True)
     return logits_1bV[0]
+
+
+def _attend(query_bnd: torch.Tensor, keys_Lbgd: torch.Tensor, value_Lbgd: torch.Tensor, attend_111L: torch.Tensor,
+            *, scale: float | None) -> torch.Tensor:
+    """One query per row against every cache slot, grouped-query: ``[1, b, n * d]``.
+
+    Query head ``i`` reads K/V group ``i // (n / g)``, as megatron's ``repeat_interleave``, but as a
+    batched matmul per group, so K/V are read once instead of copied n / g times. Softmax in float32.
+    """
+    rows, heads, dim = query_bnd.shape
+    groups = keys_Lbgd.shape[2]
+    q_bghd = query_bnd.view(rows, groups, heads // groups, dim)
+    scores_bghL = torch.matmul(q_bghd, keys_Lbgd.permute(1, 2, 3, 0)).float()
+    scores_bghL = scores_bghL * (scale if scale is not None else dim ** -0.5)
+    probs_bghL = torch.softmax(scores_bghL.masked_fill(~attend_111L, float("-inf")), dim=-1)
+    ctx_bghd = torch.matmul(probs_bghL.to(value_Lbgd.dtype), value_Lbgd.permute(1, 2, 0, 3))
+    return ctx_bghd.reshape(1, rows, heads * dim)
 
 
 class _Graph:
