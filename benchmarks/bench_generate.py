@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tail-sigma", type=float, default=1.0)
     p.add_argument("--recompute", action="store_true", help="add the no-cache baseline (slow)")
     p.add_argument("--no-pool", action="store_true", help="skip the pool variants")
+    p.add_argument("--fixed-shape", action="store_true",
+                   help="on CPU, add the graphed variant's fixed-shape decode step run eagerly (cuda_graphs=True)")
     p.add_argument("--mismatch", action="store_true", help="report the sampler / training-forward log-prob gap")
     p.add_argument("--reps", type=int, default=1, help="timed runs per variant, interleaved; the median is shown")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: torch default)")
@@ -201,6 +203,8 @@ def main(argv=None) -> None:
         variants.append(("one batch, graphed", dict(cuda_graphs=True)))
         if not args.no_pool:
             variants.append((f"pool {max_rows} rows, graphed", dict(max_rows=max_rows, cuda_graphs=True)))
+    elif args.fixed_shape:
+        variants.append(("one batch, fixed-shape eager", dict(cuda_graphs=True)))
     if args.recompute:
         variants.append(("recompute (no cache)", dict(use_kv_cache=False)))
     # Warm-up: allocator growth, lazy initialisation (and one graph capture per bucket size seen here).

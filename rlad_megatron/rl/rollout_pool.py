@@ -127,11 +127,13 @@ class RowPool:
         if self.decode_steps is not None and c.context.is_decode_only():
             logits_bV = self.decode_steps.step(c.context, ids_bS, first)
             self.stats.fixed_shape_steps += 1
+            # The fixed-shape step reads every slot of the cache, masked or not.
+            self.stats.kv_row_positions += c.rows_b.numel() * c.context.max_sequence_length
         else:
             logits_bV = self.pipe.forward(ids_bS, first, c.context)
+            if c.context is not None:
+                self.stats.kv_row_positions += c.rows_b.numel() * c.pos
         self.stats.forward_calls += 1
-        if c.context is not None:
-            self.stats.kv_row_positions += c.rows_b.numel() * c.pos
         sampling_b = (self.prompt_len_B[c.rows_b] <= c.pos) & ~self.done_B[c.rows_b]
         rows_a = c.rows_b[sampling_b]
         if rows_a.numel():
