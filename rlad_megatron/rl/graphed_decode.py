@@ -14,7 +14,8 @@ change when the cohort is compacted. On CUDA the step is captured once per (coho
 and replayed; on CPU it runs eagerly (what the CPU tests check against megatron's path).
 
 The body calls the model's own submodules (norms, fused QKV, MLP, output layer with its TP
-gather), so it serves the local and the Transformer Engine specs. Supported: PP = 1, RoPE, no
+gather), so it is written for the local and the Transformer Engine specs (only the local spec is
+tested: no TE in the CPU venv, and no GPU run yet). Supported: PP = 1, RoPE, no
 attention output gate, no MoE; :func:`check_supported` says why otherwise.
 """
 
