@@ -209,8 +209,15 @@ class RLConfig:
     mini_batch_size: int = 16
     micro_batch_size: int = 4
     epochs_per_rollout: int = 1
+    # Rows held in the rollout's KV caches at once (per DP replica; 0: all prompts x group_size rows).
+    # Fewer rows bound KV memory; waiting rows are admitted as others finish (rl/rollout_pool.py).
+    max_rollout_rows: int = 0
+    # Decode steps as captured CUDA graphs (rl/graphed_decode.py); CUDA only, ignored with a warning on CPU.
+    cuda_graphs: bool = False
 
     def validate(self, name: str) -> None:
+        if self.max_rollout_rows < 0:
+            raise ConfigError(f"{name}.max_rollout_rows: expected >= 0 (0: all rows), got {self.max_rollout_rows}")
         for key in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size",
                     "micro_batch_size", "epochs_per_rollout"):
             if getattr(self, key) < 1:

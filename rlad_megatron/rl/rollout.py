@@ -2,7 +2,9 @@
 
     batch = generate(model=model, groups=groups, prompts=repeat_prompts(prompts, group_size=G),
                      max_new_tokens=256, temperature=1.0, top_p=1.0, eos_id=eos, pad_id=pad,
-                     vocab_size=tokenizer_vocab, generator=torch.Generator().manual_seed(seed))
+                     vocab_size=tokenizer_vocab, generator=None,
+                     row_seeds=rollout_row_seeds(seed=seed, step=step, prompt_indices=idx, group_size=G),
+                     max_rows=256)
 
 Shape legend: B = rows (prompts x samples), L = row width <= P + N (P = longest prompt,
 N = max_new_tokens), b = rows still held in the KV cache, a = rows sampling at this step,
@@ -22,27 +24,32 @@ next prompt token instead of the sample. This keeps megatron's causal attention 
 any attention backend (local or Transformer Engine) and needs no padding mask. Rows that
 finish are dropped from the cache once a quarter of the cached rows are done.
 
-TP: the last-position logits are all-gathered across TP (``runtime_gather_output=True``,
-``[b, V]`` per step, small next to the KV cache) and every TP rank samples with its own,
-identically seeded generator; TP rank 0's tokens are then broadcast so the ranks can never
-diverge. PP: hidden states go stage to stage with send/recv over ``groups.pp``; the last stage
-samples and broadcasts tokens and log-probs to every stage. Sequence parallelism is not
+Row pool (rollout_pool.py): ``max_rows`` bounds the rows held in KV caches at once; rows wait and
+are admitted in cohorts as others finish. Random streams (sampling.py): row ``i`` samples with
+noise hashed from ``row_seeds[i]`` and the position, so the tokens of a row do not depend on the
+batch it shares, its order or its admission time: the pool and one big batch give the same tokens.
+
+TP / PP (rollout_stage.py): the last-position logits are all-gathered across TP
+(``runtime_gather_output=True``, ``[b, V]`` per step, small next to the KV cache), every TP rank
+samples with the same row seeds and TP rank 0's tokens are broadcast; PP stages pass hidden states
+with send/recv and the last stage broadcasts tokens and log-probs. Sequence parallelism is not
 supported while sampling (megatron's static inference path does not support it either).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from megatron.core.inference.contexts import StaticInferenceContext
 
 from rlad_megatron.distributed.groups import ParallelGroups
-from rlad_megatron.rl.sampling import sample_tokens, token_logprobs, validate_sampling_args
+from rlad_megatron.rl.graphed_decode import DecodeSteps, check_supported
+from rlad_megatron.rl.rollout_pool import PoolStats, RowPool
+from rlad_megatron.rl.sampling import validate_sampling_args
 
-# Drop finished rows from the KV cache when at most this fraction of the cached rows is live.
-_COMPACT_WHEN_LIVE_FRACTION = 0.75
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -60,6 +67,7 @@ class RolloutBatch:
     prompt_lengths_B: torch.Tensor  # int64
     response_lengths_B: torch.Tensor  # int64, tokens sampled per row (including a final EOS)
     stopped_at_eos_B: torch.Tensor  # bool, False where the row hit max_new_tokens instead
+    stats: PoolStats | None = None  # the step loop's counters (decode steps, cohorts); not policy data
 
     @property
     def lengths_B(self) -> torch.Tensor:
@@ -78,40 +86,121 @@ def repeat_prompts(prompts: list[list[int]], *, group_size: int) -> list[list[in
     return [list(p) for p in prompts for _ in range(group_size)]
 
 
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def rollout_row_seeds(*, seed: int, step: int, prompt_indices: Sequence[int], group_size: int) -> list[int]:
+    """One sampling seed per row of ``repeat_prompts(prompts, group_size)``, in [0, 2**63).
+
+    Row ``i`` gets a hash of (seed, step, prompt_indices[i // group_size], i % group_size): a
+    prompt's samples differ, and a row's stream does not depend on the DP shard, the batch or the
+    admission order. ``prompt_indices`` should identify the prompt globally (its dataset index).
+    """
+    for name, value in (("seed", seed), ("step", step)):
+        if value < 0:
+            raise ValueError(f"{name}: expected >= 0, got {value}")
+    if group_size < 1:
+        raise ValueError(f"group_size: expected >= 1, got {group_size}")
+    base = _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+    seeds = []
+    for index in prompt_indices:
+        if index < 0:
+            raise ValueError(f"prompt_indices: expected ids >= 0, got {index}")
+        prompt_key = _splitmix64(base ^ (index & _MASK64))
+        seeds.extend(_splitmix64(prompt_key ^ sample) >> 1 for sample in range(group_size))
+    return seeds
+
+
 @torch.no_grad()
 def generate(*, model: torch.nn.Module, groups: ParallelGroups, prompts: list[list[int]], max_new_tokens: int,
              temperature: float, top_p: float = 1.0, eos_id: int | None, pad_id: int, vocab_size: int,
-             generator: torch.Generator | None, use_kv_cache: bool = True) -> RolloutBatch:
+             generator: torch.Generator | None, use_kv_cache: bool = True,
+             row_seeds: Sequence[int] | torch.Tensor | None = None, max_rows: int | None = None,
+             cuda_graphs: bool = False) -> RolloutBatch:
     """Sample up to ``max_new_tokens`` tokens after each prompt; every rank returns the same batch.
 
     ``model`` is this rank's GPTModel stage (switched to eval mode for the call and restored).
     ``temperature == 0`` is greedy. ``vocab_size`` is the tokenizer's vocabulary: padded vocab
-    ids are never sampled. ``generator`` (on the model's device) drives sampling on the last
-    stage; seed it identically on every rank. A row stops after sampling ``eos_id``;
-    the loop stops when every row is done. ``use_kv_cache=False`` recomputes the whole prefix
-    each step (the benchmark baseline; same tokens up to float rounding).
+    ids are never sampled. A row stops after sampling ``eos_id``; the loop stops when every row
+    is done. ``use_kv_cache=False`` recomputes the whole prefix each step (the benchmark baseline;
+    same tokens up to float rounding).
+
+    Randomness: ``row_seeds`` (one int in [0, 2**63) per row, e.g. from ``rollout_row_seeds``)
+    gives each row its own stream. Without it the row seeds are drawn from ``generator`` (on the
+    model's device, seeded identically on every rank; None: torch's default generator), which
+    makes the tokens depend on the whole call's seed but still not on ``max_rows``.
+    ``max_rows`` (None or 0: all rows): at most this many rows in the KV caches at once.
+    ``cuda_graphs``: decode steps run with fixed shapes (rl/graphed_decode.py), captured as CUDA
+    graphs on a CUDA model; on CPU the same fixed-shape step runs eagerly (a warning says so).
     """
     _validate(model=model, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-              vocab_size=vocab_size, pad_id=pad_id, eos_id=eos_id)
+              vocab_size=vocab_size, pad_id=pad_id, eos_id=eos_id, max_rows=max_rows, row_seeds=row_seeds)
     device = next(model.parameters()).device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator: expected a torch.Generator on {device.type} (the model's device), "
                          f"got one on {generator.device.type}")
+    seeds_B = _row_seeds_tensor(row_seeds, rows=len(prompts), generator=generator, device=device,
+                                greedy=temperature == 0.0)
+    decode_steps = _decode_steps(model, groups, device) if cuda_graphs and use_kv_cache else None
     was_training = model.training
     model.eval()
     try:
-        return _Sampler(model=model, groups=groups, prompts=prompts, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
-                        vocab_size=vocab_size, generator=generator, use_kv_cache=use_kv_cache,
-                        device=device).run()
+        pool = RowPool(model=model, groups=groups, prompts=prompts, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
+                       seeds_B=seeds_B, use_kv_cache=use_kv_cache, max_rows=max_rows or len(prompts),
+                       device=device, decode_steps=decode_steps)
+        stats = pool.run()
     finally:
         if groups.pp_size > 1:
             model.set_input_tensor(None)
         model.train(was_training)
+    return _batch(pool, stats)
 
 
-def _validate(*, model, prompts, max_new_tokens, temperature, top_p, vocab_size, pad_id, eos_id) -> None:
+def _decode_steps(model, groups: ParallelGroups, device: torch.device) -> DecodeSteps | None:
+    reason = check_supported(model, groups)
+    if reason is not None:
+        warnings.warn(f"cuda_graphs: ignored for this model ({reason}); decoding with megatron's step", stacklevel=3)
+        return None
+    if device.type != "cuda":
+        warnings.warn(f"cuda_graphs: the model is on {device.type}, not CUDA; the fixed-shape decode step "
+                      "runs eagerly", stacklevel=3)
+    return DecodeSteps(model, capture=device.type == "cuda")
+
+
+def _row_seeds_tensor(row_seeds, *, rows: int, generator: torch.Generator | None, device: torch.device,
+                      greedy: bool) -> torch.Tensor:
+    if row_seeds is None and greedy:  # unused: do not advance the caller's (or torch's default) generator
+        return torch.zeros(rows, dtype=torch.int64, device=device)
+    if row_seeds is None:
+        return torch.randint(0, 2**62, (rows,), generator=generator, device=device, dtype=torch.int64)
+    seeds_B = torch.as_tensor(row_seeds, dtype=torch.int64).to(device)
+    if bool((seeds_B < 0).any()):
+        raise ValueError(f"row_seeds: expected seeds in [0, 2**63), got {seeds_B[seeds_B < 0][:5].tolist()}")
+    return seeds_B
+
+
+def _batch(pool: RowPool, stats: PoolStats) -> RolloutBatch:
+    width = int((pool.prompt_len_B + pool.response_len_B).max())
+    positions_L = torch.arange(width, device=pool.device)
+    response_mask_BL = ((positions_L >= pool.prompt_len_B[:, None])
+                        & (positions_L < (pool.prompt_len_B + pool.response_len_B)[:, None]))
+    return RolloutBatch(tokens_BL=pool.tokens_BL[:, :width].contiguous(), response_mask_BL=response_mask_BL,
+                        logprobs_BL=pool.logprobs_BL[:, :width].contiguous(), prompt_lengths_B=pool.prompt_len_B,
+                        response_lengths_B=pool.response_len_B, stopped_at_eos_B=pool.eos_B, stats=stats)
+
+
+def _validate(*, model, prompts, max_new_tokens, temperature, top_p, vocab_size, pad_id, eos_id, max_rows=None,
+              row_seeds=None) -> None:
     validate_sampling_args(temperature=temperature, top_p=top_p)
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_rows: expected >= 0 (0 or None: all rows), got {max_rows}")
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"row_seeds: expected one seed per row ({len(prompts)}), got {len(row_seeds)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     if not prompts:
@@ -129,132 +218,3 @@ def _validate(*, model, prompts, max_new_tokens, temperature, top_p, vocab_size,
     if getattr(model.config, "sequence_parallel", False):
         raise ValueError("sequence_parallel: generation needs a model built with sequence_parallel=False "
                          "(megatron-core's static inference path does not support it)")
-
-
-class _Sampler:
-    """One generate() call: the token buffers, the KV cache and the step loop."""
-
-    def __init__(self, *, model, groups: ParallelGroups, prompts, max_new_tokens, temperature, top_p, eos_id,
-                 pad_id, vocab_size, generator, use_kv_cache, device):
-        self.model, self.groups, self.device = model, groups, device
-        self.n_new, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.eos_id, self.vocab_size, self.generator = eos_id, vocab_size, generator
-        rows = len(prompts)
-        self.prompt_len_B = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-        width = int(self.prompt_len_B.max()) + max_new_tokens
-        self.tokens_BL = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
-        for i, prompt in enumerate(prompts):
-            self.tokens_BL[i, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        self.logprobs_BL = torch.zeros((rows, width), dtype=torch.float32, device=device)
-        self.response_len_B = torch.zeros(rows, dtype=torch.long, device=device)
-        self.done_B = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.eos_B = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.context = StaticInferenceContext(rows, width) if use_kv_cache else None
-        self.pipe = _PipelineStage(model, groups, device)
-
-    def run(self) -> RolloutBatch:
-        rows_b = torch.arange(self.tokens_BL.shape[0], device=self.device)  # cache order
-        start, pos = 0, int(self.prompt_len_B.min())
-        while True:
-            # Feed positions [start, pos) of the cached rows; the last logits predict position `pos`.
-            first = start if self.context is not None else 0
-            ids_bS = self.tokens_BL[rows_b, first:pos]
-            logits_bV = self.pipe.forward(ids_bS, first, self.context)
-            sampling_b = (self.prompt_len_B[rows_b] <= pos) & ~self.done_B[rows_b]
-            rows_a = rows_b[sampling_b]
-            if rows_a.numel():
-                self._sample(rows_a, pos, logits_bV[sampling_b] if logits_bV is not None else None)
-            if bool(self.done_B.all()):
-                break
-            start, pos = pos, pos + 1
-            if self.context is not None and bool((self.prompt_len_B <= pos).all()):
-                self.context.enable_decode_mode()
-            rows_b = self._maybe_compact(rows_b)
-        return self._batch()
-
-    def _sample(self, rows_a: torch.Tensor, pos: int, logits_aV: torch.Tensor | None) -> None:
-        if logits_aV is not None:
-            tokens_a = sample_tokens(logits_aV, vocab_size=self.vocab_size, temperature=self.temperature,
-                                     top_p=self.top_p, generator=self.generator)
-            lp_a = token_logprobs(logits_aV, tokens_a, vocab_size=self.vocab_size)
-        else:
-            tokens_a = lp_a = None
-        tokens_a, lp_a = self.pipe.share(tokens_a, lp_a, rows_a.numel())
-        self.tokens_BL[rows_a, pos] = tokens_a
-        self.logprobs_BL[rows_a, pos] = lp_a
-        self.response_len_B[rows_a] += 1
-        hit_eos_a = tokens_a == self.eos_id if self.eos_id is not None else torch.zeros_like(tokens_a, dtype=torch.bool)
-        self.eos_B[rows_a] = hit_eos_a
-        self.done_B[rows_a] = hit_eos_a | (self.response_len_B[rows_a] >= self.n_new)
-
-    def _maybe_compact(self, rows_b: torch.Tensor) -> torch.Tensor:
-        live_b = ~self.done_B[rows_b]
-        if live_b.sum() > _COMPACT_WHEN_LIVE_FRACTION * rows_b.numel():
-            return rows_b
-        keep_b = live_b.nonzero().squeeze(-1)
-        if self.context is not None:
-            memory = self.context.key_value_memory_dict
-            for layer, (key_LbD, value_LbD) in memory.items():
-                memory[layer] = (key_LbD.index_select(1, keep_b), value_LbD.index_select(1, keep_b))
-        return rows_b[keep_b]
-
-    def _batch(self) -> RolloutBatch:
-        width = int((self.prompt_len_B + self.response_len_B).max())
-        positions_L = torch.arange(width, device=self.device)
-        response_mask_BL = ((positions_L >= self.prompt_len_B[:, None])
-                            & (positions_L < (self.prompt_len_B + self.response_len_B)[:, None]))
-        return RolloutBatch(tokens_BL=self.tokens_BL[:, :width].contiguous(), response_mask_BL=response_mask_BL,
-                            logprobs_BL=self.logprobs_BL[:, :width].contiguous(),
-                            prompt_lengths_B=self.prompt_len_B, response_lengths_B=self.response_len_B,
-                            stopped_at_eos_B=self.eos_B)
-
-
-class _PipelineStage:
-    """This rank's forward for one step, and the token exchange between TP ranks and PP stages."""
-
-    def __init__(self, model, groups: ParallelGroups, device: torch.device):
-        self.model, self.groups, self.device = model, groups, device
-        config = model.config
-        self.hidden_size = config.hidden_size
-        self.pipe_dtype = config.pipeline_dtype or config.params_dtype
-        if groups.pp_size > 1:
-            pp_ranks = dist.get_process_group_ranks(groups.pp)
-            self.prev_rank = pp_ranks[groups.pp_rank - 1] if not groups.is_first_stage else None
-            self.next_rank = pp_ranks[groups.pp_rank + 1] if not groups.is_last_stage else None
-        self.tp_src = dist.get_process_group_ranks(groups.tp)[0] if groups.tp_size > 1 else None
-
-    def forward(self, ids_bS: torch.Tensor, first_position: int,
-                context: StaticInferenceContext | None) -> torch.Tensor | None:
-        """Last-position logits ``[b, V]`` (full vocabulary) on the last stage, None elsewhere."""
-        rows, seq = ids_bS.shape
-        positions_bS = torch.arange(first_position, first_position + seq, device=self.device).expand(rows, -1)
-        g = self.groups
-        if g.pp_size > 1:
-            hidden_in_Sbh = None
-            if not g.is_first_stage:
-                hidden_in_Sbh = torch.empty((seq, rows, self.hidden_size), dtype=self.pipe_dtype, device=self.device)
-                dist.recv(hidden_in_Sbh, src=self.prev_rank, group=g.pp)
-            self.model.set_input_tensor(hidden_in_Sbh)
-        out = self.model(ids_bS, positions_bS, None, inference_context=context, runtime_gather_output=True)
-        if g.pp_size > 1 and not g.is_last_stage:
-            dist.send(out.to(self.pipe_dtype).contiguous(), dst=self.next_rank, group=g.pp)
-        if context is not None:
-            context.increment_sequence_len_offset(seq)
-        # The last stage returns [b, S, V] logits (S = 1 with the cache: megatron keeps only the last position).
-        return out[:, -1, :] if g.is_last_stage else None
-
-    def share(self, tokens_a: torch.Tensor | None, lp_a: torch.Tensor | None,
-              rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every rank gets TP rank 0 of the last stage's tokens and log-probs."""
-        g = self.groups
-        if g.tp_size == 1 and g.pp_size == 1:
-            return tokens_a, lp_a
-        # float64 holds token ids exactly, so one broadcast carries both.
-        packed_2a = torch.empty((2, rows), dtype=torch.float64, device=self.device)
-        if g.is_last_stage:
-            packed_2a[0], packed_2a[1] = tokens_a, lp_a
-            if self.tp_src is not None:
-                dist.broadcast(packed_2a, src=self.tp_src, group=g.tp)
-        if g.pp_size > 1:
-            dist.broadcast(packed_2a, src=g.pp_last_rank, group=g.pp)
-        return packed_2a[0].long(), packed_2a[1].float()

@@ -75,6 +75,8 @@ def test_repeat_prompts_groups_samples_of_a_prompt_together():
     (dict(pad_id=-1), "pad_id"),
     (dict(top_p=1.5), "top_p"),
     (dict(model=None), "sequence_parallel"),
+    (dict(max_rows=-1), "max_rows"),
+    (dict(row_seeds=[1, 2]), "row_seeds"),
 ])
 def test_generate_rejects_bad_arguments(change, field):
     from types import SimpleNamespace

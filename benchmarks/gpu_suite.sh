@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 14 in one run (< 8 minutes on one H100/H200), numbers in one file.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh            # writes $OUT/gpu_suite.txt
+#
+# 1. tests/gpu/test_graphed_decode.py: captured decode == megatron's eager decode (float32 tokens).
+# 2. The 853M / 64-row benchmark (BENCHMARKS.md), bf16: one batch vs pool (16 rows), eager vs
+#    graphed, new tokens/s, ms per decode step, roofline fraction, and the bf16 log-prob mismatch
+#    of the sampler vs a training forward (eager and graphed).
+# 3. The same model with lognormal EOS lengths (--long-tail): decode steps and time, pool vs one batch.
+# Each step has its own timeout and its exit status is recorded; a failed step does not stop the rest.
+set -u
+OUT=${OUT:-/tmp/gpu_suite}
+PY=${PY:-python}
+mkdir -p "$OUT"
+REPORT="$OUT/gpu_suite.txt"
+MODEL="--device cuda --dtype bfloat16 --layers 16 --hidden 2048 --heads 16 --query-groups 4 --ffn 5632 --vocab 32000"
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  echo "# gpu_suite $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  $PY -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'mcore', m.__version__)" 2>/dev/null
+} > "$REPORT"
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo -e "\n## $name\n\$ $*" >> "$REPORT"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v -E "Warning: |warnings\.warn\(" "$OUT/$name.log" | tail -n 40 >> "$REPORT"
+  echo "[$name: rc=$rc, $((SECONDS - start)) s]" >> "$REPORT"
+}
+
+step graphed_test 120 $PY -m pytest -q -x tests/gpu/test_graphed_decode.py
+# shellcheck disable=SC2086
+step bench_853m 210 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-rows 16 --prompt-len 128 \
+  --new-tokens 256 --mismatch
+# shellcheck disable=SC2086
+step bench_853m_long_tail 150 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-rows 16 --prompt-len 128 \
+  --new-tokens 256 --long-tail
+echo "done: $REPORT"
