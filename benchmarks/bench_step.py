@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     world = init_distributed(cfg.train.device)
     trainer = Trainer(cfg, world)
     g, rl, student = trainer.groups, cfg.rl, trainer.student
-    prompts, golds = trainer.next_prompts()
+    index, prompts, golds = trainer.next_prompts()
     rollout = trainer.generator.generate(repeat_prompts(prompts, group_size=rl.group_size),
-                                         seed=trainer.rollout_seed(0))
+                                         row_seeds=trainer.row_seeds(0, index))
     rewards = reward_batch(completions=[trainer.tokenizer.decode(r) for r in rollout.responses()],
                            golds=[gold for gold in golds for _ in range(rl.group_size)])
     # Random rewards if the policy scores nothing: the update must carry a real gradient.

@@ -39,9 +39,12 @@ from rlad_megatron.rl.advantages import grpo_advantages
 from rlad_megatron.rl.experience import build_experience
 from rlad_megatron.rl.generator import Generator
 from rlad_megatron.rl.rewards import reward_batch
-from rlad_megatron.rl.rollout import repeat_prompts
+from rlad_megatron.rl.rollout import repeat_prompts, rollout_row_seeds
+from rlad_megatron.rl.rollout_metrics import MAX_KEY, MEAN_KEY, logprob_mismatch
 from rlad_megatron.rl.scorer import Scorer
 from rlad_megatron.rl.train_module import StudentTrainModule
+
+MISMATCH_KEYS = (MEAN_KEY, MAX_KEY)
 
 
 class NonFiniteError(RuntimeError):
@@ -84,7 +87,10 @@ class Trainer:
         self.teacher = Scorer.build(cfg.teacher, g, **scoring) if self.objective.needs_teacher else None
         self.generator = Generator(model=self.student.policy, groups=g, vocab_size=vocab,
                                    eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                                   max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p)
+                                   max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
+                                   max_rows=rl.max_rollout_rows, cuda_graphs=rl.cuda_graphs)
+        # The student's own forward over its rollout, before any update: the sampler/trainer mismatch.
+        self.policy_scorer = Scorer(model=self.student.policy, groups=g, **scoring)
         self.step = 0
         self.nonfinite_streak = 0
         self.writer = MetricsWriter(cfg.logging.run_dir, enabled=self.is_logger, tensorboard=cfg.logging.tensorboard)
@@ -130,16 +136,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def next_prompts(self) -> tuple[list[list[int]], list[str]]:
-        """This DP replica's slice of the step's prompts and their gold answers."""
+    def next_prompts(self) -> tuple[list[int], list[list[int]], list[str]]:
+        """This DP replica's slice of the step's prompts: dataset indices, token ids, gold answers."""
         g = self.groups
         index = shard_for_rank(self.sampler.next_batch(self.cfg.rl.prompts_per_step), rank=g.dp_rank,
                                world_size=g.dp_size)
         examples = [self.train_data.examples[i] for i in index]
-        return [list(e.prompt_ids) for e in examples], [e.gold for e in examples]
+        return list(index), [list(e.prompt_ids) for e in examples], [e.gold for e in examples]
 
-    def rollout_seed(self, step: int) -> int:
-        return self.cfg.train.seed * 1_000_003 + step * 7919 + self.groups.dp_rank
+    def row_seeds(self, step: int, prompt_indices: list[int]) -> list[int]:
+        """Each rollout row's random stream: (seed, step, prompt, sample), whatever the batching."""
+        return rollout_row_seeds(seed=self.cfg.train.seed, step=step, prompt_indices=prompt_indices,
+                                 group_size=self.cfg.rl.group_size)
 
     def mini_batches(self, rows: int) -> list[torch.Tensor]:
         """Row indices of each mini-batch of the step's experience, over all epochs."""
@@ -155,8 +163,9 @@ class Trainer:
         g, G = self.groups, self.cfg.rl.group_size
         t0 = time.perf_counter()
         # 1. Rollout: the student samples G responses per prompt.
-        prompts, golds = self.next_prompts()
-        rollout = self.generator.generate(repeat_prompts(prompts, group_size=G), seed=self.rollout_seed(self.step))
+        index, prompts, golds = self.next_prompts()
+        rollout = self.generator.generate(repeat_prompts(prompts, group_size=G),
+                                          row_seeds=self.row_seeds(self.step, index))
         # 2. Verifiable reward and GRPO advantages.
         rewards = reward_batch(completions=[self.tokenizer.decode(r) for r in rollout.responses()],
                                golds=[gold for gold in golds for _ in range(G)])
@@ -169,6 +178,9 @@ class Trainer:
                 exp, keep_logits=self.objective.uses_teacher_logits)
         if self.reference is not None:
             exp.lp_ref_NS, _ = self.reference.logprobs(exp)
+        lp_NS, _ = self.policy_scorer.logprobs(exp)
+        mismatch = (logprob_mismatch(exp.lp_old_NS, lp_NS, exp.mask_NS, dp_group=g.dp) if g.is_last_stage
+                    else dict.fromkeys(MISMATCH_KEYS, 0.0))
         t2 = time.perf_counter()
         # 4. Student updates, one optimizer step per mini-batch.
         updates = [self.student.train_mini_batch(exp, rows) for rows in self.mini_batches(len(exp))]
@@ -185,6 +197,9 @@ class Trainer:
             "eos_fraction": float(rollout.stopped_at_eos_B.float().mean()),
         }
         metrics.update(mean_over_ranks(rollout_stats, device=self.device, group=g.dp))
+        # Already reduced over DP; the last stage's values, visible on every stage.
+        metrics.update(reduce_last_stage_metrics(mismatch, MISMATCH_KEYS, is_last_stage=g.is_last_stage,
+                                                 device=self.device))
         tokens = float(rollout.lengths_B.sum()) * g.dp_size
         metrics.update({"time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/train_s": t3 - t2,
                         "time/step_s": t3 - t0, "tokens_per_s": tokens / max(t3 - t0, 1e-9), "lr": self.student.lr})
