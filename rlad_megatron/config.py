@@ -226,11 +226,24 @@ class DataConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Optional Weights & Biases writer beside TensorBoard (``pip install -e ".[wandb]"``)."""
+
+    enabled: bool = False
+    project: str = "rlad-megatron"
+    # None: the run directory's name.
+    run_name: Optional[str] = None
+    # "offline" writes under <run_dir>/wandb for a later `wandb sync`; "online" needs a login.
+    mode: Literal["offline", "online"] = "offline"
+
+
+@dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
     tensorboard: bool = True
     log_interval: int = 1
     progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
