@@ -3,7 +3,7 @@
     python tools/plot_metrics.py runs/tiny/rlad/metrics.jsonl --out runs/tiny/rlad/metrics.png
 
 Panels: sampled reward on the step's (fresh) prompts, held-out greedy accuracy (with the teacher's
-as a dashed ceiling), KL to the teacher, the PPO clip fractions, and where each step's time goes.
+as a dashed ceiling), KL to the teacher, the PPO clip fractions, the policy's entropy, and where each step's time goes.
 A panel whose metrics the run did not log says so instead of failing. Needs matplotlib
 (``pip install -e ".[plot]"``).
 """
@@ -23,7 +23,9 @@ PANELS = [
     ("KL to the teacher (k3, sampled tokens)", "nats / token", [("kl_teacher_k3", "kl_teacher_k3")]),
     ("clip fractions", "fraction of tokens",
      [("clip_frac_low", "clip_frac_low"), ("clip_frac_high", "clip_frac_high")]),
+    ("policy entropy (sampled tokens)", "nats / token", [("entropy", "entropy")]),
 ]
+ROLLING = 10
 TIME_KEYS = [("time/rollout_s", "rollout"), ("time/teacher_s", "teacher"), ("time/train_s", "train")]
 
 
@@ -60,20 +62,29 @@ def plot_run(rows: list[dict], out: str | Path, *, title: str | None = None) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS) + 1, figsize=(4.2 * (len(PANELS) + 1), 3.4))
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7))
+    axes = list(grid.flat)
     for ax, (name, ylabel, keys) in zip(axes, PANELS):
         drawn = False
         for key, label in keys:
             steps, vals = series(rows, key)
-            if steps:
-                ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, ms=3, label=label)
-                drawn = True
+            if not steps:
+                continue
+            drawn = True
+            if len(steps) < 30:
+                ax.plot(steps, vals, marker="o", ms=3, label=label)
+                continue
+            # Per-step values are noisy (a few hundred 0/1 rewards): draw them faint under a rolling mean.
+            line, = ax.plot(steps, vals, alpha=0.3, lw=0.8)
+            k = ROLLING
+            ax.plot(steps[k - 1:], [sum(vals[i - k + 1:i + 1]) / k for i in range(k - 1, len(vals))],
+                    c=line.get_color(), label=f"{label} ({k}-step mean)")
         if name.startswith("held-out"):
             _, teacher = series(rows, "eval/teacher_accuracy")
             if teacher:
                 ax.axhline(teacher[0], ls="--", c="gray", label="teacher (step 0)")
         _finish(ax, name, ylabel, drawn)
-    ax = axes[-1]
+    ax = axes[len(PANELS)]
     bottom = None
     drawn = False
     for key, label in TIME_KEYS:
