@@ -14,8 +14,10 @@ the clip: ``A > 0`` and ``lp_s - lp_t > ln(1 + eps_high) / (1 - alpha)``, or ``A
 
 Prints (and writes with ``--out``) a markdown table over the tokens of responses with a non-zero
 advantage, split by the advantage's sign and by whether the teacher rates the token above the
-student. Runs in one process at TP=1; extra ``--section.key=value`` arguments are config
-overrides (e.g. ``--distill.alpha=0.8``).
+student. Because ``d lp / d logits = onehot - softmax`` scales with ``1 - p_s``, a column also
+weights each token by ``1 - p_s``: how much of the update's push on the logits RLAD keeps. Runs
+in one process at TP=1; extra ``--section.key=value`` arguments are config overrides (e.g.
+``--distill.alpha=0.8``).
 """
 
 from __future__ import annotations
@@ -41,16 +43,21 @@ def token_weights(*, lp_s, lp_t, adv_B, mask, cfg):
     return -grad
 
 
-def rows_for(*, name, sel, w_rlad, w_grpo, d, cfg) -> dict:
+def rows_for(*, name, sel, w_rlad, w_grpo, d, p_s, cfg) -> dict:
     n = int(sel.sum())
     if n == 0:
         return {"tokens": name, "n": 0}
     alpha = cfg.alpha
     g, r = w_grpo[sel].abs(), w_rlad[sel].abs()
+    # d lp / d logits = onehot - softmax: its size scales with 1 - p, so a token's weight moves the
+    # logits in proportion to w * (1 - p). Rarely sampled tokens carry most of GRPO's learning signal.
+    scale = 1 - p_s[sel]
     return {"tokens": name, "n": n,
             "share_clamped": float((d[sel].abs() > cfg.teacher_clamp).float().mean()),
             "share_zero_grad": float((r == 0).float().mean()),
             "weight_ratio": float(r.sum() / g.sum()),
+            "logit_ratio": float((r * scale).sum() / (g * scale).sum()),
+            "grpo_logit_share": float((g * scale).sum()),
             "clip_edge": (math.log(1 + cfg.eps_high) if "A > 0" in name else math.log(1 - cfg.eps_low)) / (1 - alpha)}
 
 
@@ -111,23 +118,34 @@ def main(argv: list[str] | None = None) -> int:
     d = lps["student"] - lps["teacher"]
     A = adv_B[:, None].expand_as(d)
     sig = mask & (A != 0)
-    table = [rows_for(name=name, sel=sel, w_rlad=w_rlad, w_grpo=w_grpo, d=d, cfg=rlad_cfg) for name, sel in [
+    c = rlad_cfg.teacher_clamp
+    p_s = lps["student"].exp()
+    table = [rows_for(name=name, sel=sel, w_rlad=w_rlad, w_grpo=w_grpo, d=d, p_s=p_s, cfg=rlad_cfg) for name, sel in [
         ("A > 0, all", sig & (A > 0)), ("A > 0, teacher above student", sig & (A > 0) & (d < 0)),
+        ("A > 0, teacher above student by > c", sig & (A > 0) & (d < -c)),
         ("A > 0, student above teacher", sig & (A > 0) & (d >= 0)),
         ("A < 0, all", sig & (A < 0)), ("A < 0, teacher above student", sig & (A < 0) & (d < 0)),
-        ("A < 0, student above teacher", sig & (A < 0) & (d >= 0))]]
+        ("A < 0, student above teacher", sig & (A < 0) & (d >= 0)),
+        ("A < 0, student above teacher by > c", sig & (A < 0) & (d > c))]]
+    for side in ("A > 0", "A < 0"):
+        total = next(r["grpo_logit_share"] for r in table if r["tokens"] == f"{side}, all")
+        for r in table:
+            if r["tokens"].startswith(side) and r["n"]:
+                r["grpo_logit_share"] /= total
     head = (f"{len(examples)} prompts x {G} samples from {cfg.student.model.load}; reward mean "
             f"{sum(rewards) / len(rewards):.3f}; {int(sig.sum())} of {int(mask.sum())} response tokens carry a "
             f"non-zero advantage; alpha={rlad_cfg.alpha}, c={rlad_cfg.teacher_clamp}, eps=({rlad_cfg.eps_low}, "
             f"{rlad_cfg.eps_high}); mean |lp_s - lp_t| on them {float(d[sig].abs().mean()):.2f} nats\n\n")
     lines = ["| tokens | n | abs(lp_s - lp_t) > c | start outside the clip (no gradient) "
-             "| RLAD gradient weight / GRPO's | clip edge on lp_s - lp_t |", "| --- | --- | --- | --- | --- | --- |"]
+             "| RLAD weight / GRPO's | the same, weighted by 1 - p_s | share of GRPO's logit signal on this side "
+             "| clip edge on lp_s - lp_t |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         if r["n"] == 0:
-            lines.append(f"| {r['tokens']} | 0 | | | | |")
+            lines.append(f"| {r['tokens']} | 0 | | | | | | |")
             continue
         lines.append(f"| {r['tokens']} | {r['n']} | {r['share_clamped']:.1%} | {r['share_zero_grad']:.1%} "
-                     f"| {r['weight_ratio']:.2f} | {r['clip_edge']:+.3f} |")
+                     f"| {r['weight_ratio']:.2f} | {r['logit_ratio']:.2f} | {r['grpo_logit_share']:.1%} "
+                     f"| {r['clip_edge']:+.3f} |")
     text = head + "\n".join(lines) + "\n"
     if world.rank == 0:
         print(text)
