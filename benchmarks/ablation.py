@@ -1,12 +1,12 @@
 """The objectives side by side on the tiny default: held-out accuracy against RL step, several seeds.
 
-    python benchmarks/ablation.py --out-dir runs/ablation                      # 5 objectives x 3 seeds
-    python benchmarks/ablation.py --variants grpo,rlad --seeds 1,2 --steps 40  # a quicker look
+    python benchmarks/ablation.py --out-dir runs/ablation          # 5 objectives x 3 seeds, ~20 min on 2 cores
+    python benchmarks/ablation.py --variants grpo,rlad --seeds 1,2 --steps 40      # a quicker look
 
 Every run is ``bash launch/tiny.sh`` with the variant's overrides, a seed (``train.seed``: which
 fresh problems each step draws and the rollouts' sampling) and its own run directory, so all runs
 share the SFT checkpoints that tiny.sh trains once and caches (``SFT_DIR``, default
-``runs/tiny/sft``). The student's greedy held-out accuracy is read from each run's
+``runs/tiny/sft_carry``). The student's greedy held-out accuracy is read from each run's
 ``metrics.jsonl`` (every ``--eval-interval`` steps). Runs one at a time (2 gloo ranks each).
 
 Writes to ``--out-dir``: ``runs/<variant>_s<seed>/`` (the runs), ``results.json`` (every curve),
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated train.seed values")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the tiny default's)")
     p.add_argument("--eval-interval", type=int, default=10, help="held-out evaluation every N steps")
-    p.add_argument("--sft-dir", default=None, help="cached SFT checkpoints (default: tiny.sh's runs/tiny/sft)")
+    p.add_argument("--sft-dir", default=None, help="cached SFT checkpoints (default: tiny.sh's runs/tiny/sft_carry)")
     args, extra = p.parse_known_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
