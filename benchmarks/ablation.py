@@ -1,6 +1,6 @@
 """The objectives side by side on the tiny default: held-out accuracy against RL step, several seeds.
 
-    python benchmarks/ablation.py --out-dir runs/ablation          # 5 objectives x 3 seeds, ~20 min on 2 cores
+    python benchmarks/ablation.py --out-dir runs/ablation                  # 5 objectives x 3 seeds, ~20 min on 2 cores
     python benchmarks/ablation.py --variants grpo,rlad --seeds 1,2 --steps 40      # a quicker look
 
 Every run is ``bash launch/tiny.sh`` with the variant's overrides, a seed (``train.seed``: which
