@@ -211,8 +211,8 @@ class DataConfig:
     tokenizer_path: Optional[str] = None
     max_prompt_length: int = 128
     shuffle: bool = True
-    # RL prompts are the first N usable rows of train_path (None: all). A small pool that RL
-    # revisits many times is how the tiny default shows the reward rising in a few minutes.
+    # RL prompts are the first N usable rows of train_path (None: all). RL revisiting a small pool
+    # shows memorisation rather than generalisation; the tiny default draws fresh prompts instead.
     max_train_examples: Optional[int] = None
 
     def validate(self, name: str) -> None:
