@@ -1,7 +1,9 @@
-"""Step metrics: reduced over ranks with fixed keys, written to TensorBoard and a JSONL log on rank 0."""
+"""Step metrics: reduced over ranks with fixed keys, written to TensorBoard, a JSONL log and
+(optionally) Weights & Biases on rank 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -68,10 +70,13 @@ def mean_over_ranks(values: dict[str, float], *, device: torch.device, group=Non
 class MetricsWriter:
     """TensorBoard + ``metrics.jsonl`` in the run directory; a no-op off rank 0."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool, wandb=None, config=None):
+        """``wandb``: a ``config.WandbConfig`` (None or ``enabled: false``: no W&B); ``config``: the
+        resolved run config (a dataclass or dict), recorded with the W&B run."""
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self._wandb = None
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -81,6 +86,8 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb is not None and wandb.enabled:
+            self._wandb = _start_wandb(wandb, run_dir=run_dir, config=config)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -92,9 +99,27 @@ class MetricsWriter:
             self._tb.flush()
         self._jsonl.write(json.dumps({"step": step, **finite}) + "\n")
         self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(finite, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(cfg, *, run_dir: Path, config: dict | None):
+    """A W&B run writing under ``run_dir/wandb``; wandb is imported only here (an optional extra)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError('logging.wandb.enabled: the wandb package is not installed '
+                          '(pip install -e ".[wandb]", or set logging.wandb.enabled=false)') from None
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    return wandb.init(project=cfg.project, name=cfg.run_name or run_dir.name, mode=cfg.mode, dir=str(run_dir),
+                      config=config)

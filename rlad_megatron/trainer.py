@@ -93,7 +93,8 @@ class Trainer:
         self.policy_scorer = Scorer(model=self.student.policy, groups=g, **scoring)
         self.step = 0
         self.nonfinite_streak = 0
-        self.writer = MetricsWriter(cfg.logging.run_dir, enabled=self.is_logger, tensorboard=cfg.logging.tensorboard)
+        self.writer = MetricsWriter(cfg.logging.run_dir, enabled=self.is_logger, tensorboard=cfg.logging.tensorboard,
+                                    wandb=cfg.logging.wandb, config=cfg)
         if self.is_logger:
             save_config(cfg, cfg.logging.run_dir)
         if cfg.checkpoint.resume:

@@ -280,8 +280,8 @@ class DataConfig:
     tokenizer_path: Optional[str] = None
     max_prompt_length: int = 128
     shuffle: bool = True
-    # RL prompts are the first N usable rows of train_path (None: all). A small pool that RL
-    # revisits many times is how the tiny default shows the reward rising in a few minutes.
+    # RL prompts are the first N usable rows of train_path (None: all). RL revisiting a small pool
+    # shows memorisation rather than generalisation; the tiny default draws fresh prompts instead.
     max_train_examples: Optional[int] = None
 
     def validate(self, name: str) -> None:
@@ -295,11 +295,24 @@ class DataConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Optional Weights & Biases writer beside TensorBoard (``pip install -e ".[wandb]"``)."""
+
+    enabled: bool = False
+    project: str = "rlad-megatron"
+    # None: the run directory's name.
+    run_name: Optional[str] = None
+    # "offline" writes under <run_dir>/wandb for a later `wandb sync`; "online" needs a login.
+    mode: Literal["offline", "online"] = "offline"
+
+
+@dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
     tensorboard: bool = True
     log_interval: int = 1
     progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
