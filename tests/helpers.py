@@ -53,3 +53,15 @@ def drop_checkpoints_after(save_dir: Path, step: int) -> None:
     for p in save_dir.iterdir():
         if (step_of(p) or 0) > step:
             shutil.rmtree(p)
+
+
+def rollout_model_section(tp: int, pp: int, *, vocab_size: int, num_layers: int):
+    """A tiny GPT section for the rollout tests at TP x PP."""
+    from rlad_megatron.config import ModelConfig, ModelSection, ParallelConfig
+
+    # A wide init spreads the logits so greedy argmax never sits on a float-rounding tie.
+    return ModelSection(
+        model=ModelConfig(num_layers=num_layers, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=128, vocab_size=vocab_size, make_vocab_size_divisible_by=8,
+                          init_method_std=0.3),
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))

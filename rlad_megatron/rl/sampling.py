@@ -48,18 +48,6 @@ def token_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, *, vocab_siz
     return logits_BVt.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1) - lse_B
 
 
-def sample_tokens(logits_BV: torch.Tensor, *, vocab_size: int, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row, int64 ``[B]``: argmax when ``temperature == 0``, else nucleus sampling."""
-    logits_BVt = true_vocab_logits(logits_BV, vocab_size)
-    if temperature == 0.0:
-        return logits_BVt.argmax(dim=-1)
-    probs_BVt = torch.softmax(logits_BVt / temperature, dim=-1)
-    if top_p < 1.0:
-        probs_BVt = top_p_filter(probs_BVt, top_p)
-    return torch.multinomial(probs_BVt, num_samples=1, generator=generator).squeeze(-1)
-
-
 def sample_tokens_seeded(logits_BV: torch.Tensor, *, vocab_size: int, temperature: float, top_p: float,
                          seeds_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
     """Next token per row, int64 ``[B]``, drawn from row ``i``'s own stream at ``positions_B[i]``.

@@ -18,20 +18,14 @@ import pytest
 import torch
 
 from tests.harness import run_distributed
+from tests.helpers import rollout_model_section
 
 VOCAB, PAD, NEW, GROUP = 250, 0, 12, 4
 NUM_LAYERS = 2
 
 
 def _section(tp: int, pp: int):
-    from rlad_megatron.config import ModelConfig, ModelSection, ParallelConfig
-
-    # A wide init spreads the logits so greedy argmax never sits on a float-rounding tie.
-    return ModelSection(
-        model=ModelConfig(num_layers=NUM_LAYERS, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                          ffn_hidden_size=128, vocab_size=VOCAB, make_vocab_size_divisible_by=8,
-                          init_method_std=0.3),
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    return rollout_model_section(tp, pp, vocab_size=VOCAB, num_layers=NUM_LAYERS)
 
 
 def _most_common_response_token(batch) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlad_megatron.rl.sampling import sample_tokens, token_logprobs, top_p_filter, validate_sampling_args
+from rlad_megatron.rl.sampling import sample_tokens_seeded, token_logprobs, top_p_filter, validate_sampling_args
 
 
 def _logits(rows: int, vocab: int, padded: int) -> torch.Tensor:
@@ -17,7 +17,8 @@ def _logits(rows: int, vocab: int, padded: int) -> torch.Tensor:
 
 def test_greedy_is_argmax_over_true_vocab():
     logits = _logits(6, 50, 64)
-    tokens = sample_tokens(logits, vocab_size=50, temperature=0.0, top_p=1.0, generator=None)
+    tokens = sample_tokens_seeded(logits, vocab_size=50, temperature=0.0, top_p=1.0,
+                                  seeds_B=torch.arange(6), positions_B=torch.zeros(6, dtype=torch.long))
     assert torch.equal(tokens, logits[:, :50].argmax(-1))
 
 
@@ -41,8 +42,9 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 def test_sampling_is_reproducible_and_stays_in_nucleus_and_true_vocab():
     logits = _logits(64, 50, 64)
-    draws = [sample_tokens(logits, vocab_size=50, temperature=0.7, top_p=0.5,
-                           generator=torch.Generator().manual_seed(11)) for _ in range(2)]
+    seeds_B = torch.randint(0, 2**62, (64,), generator=torch.Generator().manual_seed(11))
+    draws = [sample_tokens_seeded(logits, vocab_size=50, temperature=0.7, top_p=0.5, seeds_B=seeds_B,
+                                  positions_B=torch.full((64,), 3)) for _ in range(2)]
     assert torch.equal(draws[0], draws[1])
     nucleus = top_p_filter(torch.softmax(logits[:, :50] / 0.7, -1), 0.5) > 0
     assert nucleus.gather(-1, draws[0][:, None]).all()
