@@ -26,10 +26,11 @@ from rlad_megatron.config.schema import (
     ParallelConfig,
     RLConfig,
     TrainConfig,
+    WandbConfig,
     padded_vocab_size,
 )
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "LoggingConfig",
-           "ModelConfig", "ModelSection", "OptimizerConfig", "ParallelConfig", "RLConfig", "TrainConfig",
+           "ModelConfig", "ModelSection", "OptimizerConfig", "ParallelConfig", "RLConfig", "TrainConfig", "WandbConfig",
            "load_config", "load_config_or_exit", "padded_vocab_size", "parse_overrides", "save_config", "to_dict",
            "to_yaml"]
