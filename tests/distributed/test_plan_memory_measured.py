@@ -68,6 +68,7 @@ def _measure_case(case: dict, world_size: int) -> dict:
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     import rlad_megatron.rl.rollout as rollout
+    import rlad_megatron.rl.rollout_pool as rollout_pool
     from rlad_megatron.distributed import initialize_model_parallel
     from rlad_megatron.models.builder import build_gpt_model
     from rlad_megatron.models.forward import run_schedule
@@ -111,12 +112,13 @@ def _measure_case(case: dict, world_size: int) -> dict:
 
     contexts = []
 
-    class RecordingContext(rollout.StaticInferenceContext):
+    # The row pool (rl/rollout_pool.py) builds the rollout's KV caches.
+    class RecordingContext(rollout_pool.StaticInferenceContext):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             contexts.append(self)
 
-    original, rollout.StaticInferenceContext = rollout.StaticInferenceContext, RecordingContext
+    original, rollout_pool.StaticInferenceContext = rollout_pool.StaticInferenceContext, RecordingContext
     try:
         # Equal prompt lengths and no EOS: every row stays in the cache, so no compaction shrinks it.
         prompts = [[1 + (i + j) % (VOCAB - 1) for j in range(PROMPT)] for i in range(ROWS_PER_REPLICA)]
@@ -124,7 +126,7 @@ def _measure_case(case: dict, world_size: int) -> dict:
                                  temperature=1.0, eos_id=None, pad_id=0, vocab_size=VOCAB,
                                  generator=torch.Generator().manual_seed(3))
     finally:
-        rollout.StaticInferenceContext = original
+        rollout_pool.StaticInferenceContext = original
     assert batch.tokens_BL.shape == (ROWS_PER_REPLICA, PROMPT + NEW)
     (context,) = contexts
     out["kv_layers"] = len(context.key_value_memory_dict)
