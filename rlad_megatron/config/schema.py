@@ -209,12 +209,23 @@ class RLConfig:
     mini_batch_size: int = 16
     micro_batch_size: int = 4
     epochs_per_rollout: int = 1
+    # Token-budget micro-batches (DESIGN.md section 4): rows x longest row per micro-batch <= this,
+    # each micro-batch trimmed to its longest row, for the student update and teacher/reference
+    # scoring; 0 = off (micro_batch_size rows per micro-batch, padded to the rollout's width).
+    max_tokens_per_micro_batch: int = 0
+    # Log-probs from the final hidden states in chunks of this many positions (never the whole
+    # [B, S, V/TP] logits); 0 = materialised logits. Objectives that need the full student
+    # logits (forward_kl) keep the materialised path.
+    logprob_chunk_size: int = 0
 
     def validate(self, name: str) -> None:
         for key in ("prompts_per_step", "group_size", "max_new_tokens", "mini_batch_size",
                     "micro_batch_size", "epochs_per_rollout"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{name}.{key}: expected >= 1, got {getattr(self, key)}")
+        for key in ("max_tokens_per_micro_batch", "logprob_chunk_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{name}.{key}: expected >= 0 (0 = off), got {getattr(self, key)}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{name}.top_p: expected in (0, 1], got {self.top_p}")
         if self.temperature < 0:

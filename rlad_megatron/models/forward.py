@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -37,12 +38,15 @@ def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: 
     produced on the last stage (an empty list on other stages)."""
     if not micro_batches:
         return []
-    seq_length = micro_batches[0]["tokens_BS"].shape[1]
-    micro_batch_size = micro_batches[0]["tokens_BS"].shape[0]
-    for mb in micro_batches:
-        if tuple(mb["tokens_BS"].shape) != (micro_batch_size, seq_length):
-            raise ValueError(f"micro-batches must share one shape for the pipeline schedule: expected "
-                             f"{(micro_batch_size, seq_length)}, got {tuple(mb['tokens_BS'].shape)}")
+    shapes = {tuple(mb["tokens_BS"].shape) for mb in micro_batches}
+    micro_batch_size, seq_length = max(shapes, key=lambda bs: bs[0] * bs[1])
+    # Micro-batches of different shapes (token-budget micro-batches, each trimmed to its longest row):
+    # megatron's p2p then sends each activation's shape ahead of it (``variable_seq_lengths``); with
+    # one shape the schedule's fixed ``seq_length`` x ``micro_batch_size`` is used as before.
+    config = get_model_config(model)
+    variable = len(shapes) > 1
+    saved = config.variable_seq_lengths
+    config.variable_seq_lengths = saved or variable
 
     def forward_step(data_iterator: Iterable[dict], stage: torch.nn.Module):
         mb = next(data_iterator)
@@ -51,16 +55,19 @@ def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: 
         logits = stage(tokens, position_ids_like(tokens), None)
         return logits, lambda out: loss_fn(out, mb)
 
-    with torch.no_grad() if forward_only else torch.enable_grad():
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=[model],
-            num_microbatches=len(micro_batches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
+    try:
+        with torch.no_grad() if forward_only else torch.enable_grad():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(micro_batches),
+                model=[model],
+                num_microbatches=len(micro_batches),
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=forward_only,
+            )
+    finally:
+        config.variable_seq_lengths = saved
 
 
 def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:

@@ -9,12 +9,15 @@ the *sum* of its per-sequence token means (``seq_mean_token_mean``) or of its to
 (``token_mean``) together with its count of sequences or tokens, and megatron's
 ``finalize_model_grads`` divides the gradients by the count summed over micro-batches and DP
 replicas. So the update equals the full-batch objective of DESIGN.md at any micro-batch size and
-DP degree.
+DP degree. The same holds for token-budget micro-batches (``rl.max_tokens_per_micro_batch``,
+:mod:`rlad_megatron.rl.micro_batches`): rows regrouped and trimmed to each micro-batch's longest
+row give the same summed loss, count and gradients.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ from rlad_megatron.models.weights import build_model
 from rlad_megatron.objectives import LossInputs, Objective
 from rlad_megatron.optim import build_optimizer, wrap_ddp
 from rlad_megatron.rl.experience import Experience
+from rlad_megatron.rl.micro_batches import plan_micro_batches, plan_stats, row_lengths, trimmed_micro_batches
 
 
 def make_loss_fn(objective: Objective):
@@ -74,10 +78,16 @@ class StudentTrainModule:
     """One stateful object for the student's update (OLMo-core's TrainModule, megatron-core inside)."""
 
     def __init__(self, *, model, optimizer, scheduler, groups: ParallelGroups, objective: Objective,
-                 micro_batch_size: int, clip_grad: float, device: torch.device):
+                 micro_batch_size: int, clip_grad: float, device: torch.device,
+                 max_tokens_per_micro_batch: int = 0):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.groups, self.objective, self.device = groups, objective, device
         self.micro_batch_size, self.clip_grad = micro_batch_size, clip_grad
+        if max_tokens_per_micro_batch and objective.uses_teacher_logits:
+            warnings.warn(f"rl.max_tokens_per_micro_batch={max_tokens_per_micro_batch} is ignored: objective "
+                          f"{objective.name!r} keeps the teacher's logits per fixed micro-batch", stacklevel=2)
+            max_tokens_per_micro_batch = 0
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.loss_fn = make_loss_fn(objective)
 
     @classmethod
@@ -98,7 +108,8 @@ class StudentTrainModule:
                                                use_distributed_optimizer=sp.use_distributed_optimizer,
                                                total_steps=updates, pg_collection=groups.collection)
         return cls(model=model, optimizer=optimizer, scheduler=scheduler, groups=groups, objective=objective,
-                   micro_batch_size=rl.micro_batch_size, clip_grad=cfg.optimizer.clip_grad, device=device)
+                   micro_batch_size=rl.micro_batch_size, clip_grad=cfg.optimizer.clip_grad, device=device,
+                   max_tokens_per_micro_batch=rl.max_tokens_per_micro_batch)
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -113,7 +124,7 @@ class StudentTrainModule:
         """Forward-backward over the rows ``index`` of ``exp`` and one guarded optimizer step."""
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        micro = split_micro_batches(exp.rows(index), self.micro_batch_size)
+        micro, layout = self.micro_batches(exp, index)
         if exp.teacher_logits:
             # Teacher logits were kept per scoring micro-batch; rows of this mini-batch are re-sliced.
             full = torch.cat(exp.teacher_logits, dim=0)[index]
@@ -130,7 +141,20 @@ class StudentTrainModule:
             metrics["loss"] = sum(d["loss"] for d in out) / max(sum(d["count"] for d in out), 1.0)
         metrics["grad_norm"] = grad_norm
         metrics["skipped_step"] = 0.0 if stepped else 1.0
+        metrics.update(layout)
         return metrics
+
+    def micro_batches(self, exp: Experience, index: torch.Tensor) -> tuple[list[dict], dict[str, float]]:
+        """The micro-batches of rows ``index``: ``micro_batch_size`` rows at the rollout's width, or
+        token-budget micro-batches trimmed to their longest rows; and the plan's metrics (token-budget
+        mode: ``padding_frac``, ``micro_batches``, ``oversized_rows``)."""
+        rows = exp.rows(index)
+        if not self.max_tokens_per_micro_batch:
+            return split_micro_batches(rows, self.micro_batch_size), {}
+        lengths = row_lengths(rows["mask_BS"])
+        plan = plan_micro_batches(lengths, max_tokens=self.max_tokens_per_micro_batch)
+        stats = plan_stats(lengths, plan, max_tokens=self.max_tokens_per_micro_batch)
+        return trimmed_micro_batches(rows, plan, lengths), stats.as_metrics()
 
     def save(self, directory: str | Path, *, step: int, extra_state: dict, config: Config,
              keep_last: int) -> Path:
