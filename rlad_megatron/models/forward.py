@@ -16,6 +16,8 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from rlad_megatron.models.logprobs import final_hidden_states
+
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
@@ -33,9 +35,13 @@ def shift_left(x_BS: torch.Tensor, fill) -> torch.Tensor:
 
 
 def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool,
-                 device: torch.device) -> list[dict]:
+                 device: torch.device, hidden_states: bool = False) -> list[dict]:
     """Forward (and backward unless ``forward_only``) over ``micro_batches``; returns the metric dicts
-    produced on the last stage (an empty list on other stages)."""
+    produced on the last stage (an empty list on other stages).
+
+    ``hidden_states``: ``loss_fn`` gets the last stage's final hidden states ``[S, B, H]`` instead of
+    the logits (it applies the output layer itself, e.g. in chunks: :mod:`rlad_megatron.models.logprobs`).
+    """
     if not micro_batches:
         return []
     shapes = {tuple(mb["tokens_BS"].shape) for mb in micro_batches}
@@ -52,8 +58,11 @@ def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: 
         mb = next(data_iterator)
         mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
         tokens = mb["tokens_BS"]
-        logits = stage(tokens, position_ids_like(tokens), None)
-        return logits, lambda out: loss_fn(out, mb)
+        if hidden_states:
+            out = final_hidden_states(stage, tokens, position_ids_like(tokens))
+        else:
+            out = stage(tokens, position_ids_like(tokens), None)
+        return out, lambda last: loss_fn(last, mb)
 
     try:
         with torch.no_grad() if forward_only else torch.enable_grad():

@@ -27,9 +27,10 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from rlad_megatron.checkpointing import load_checkpoint, save_checkpoint
 from rlad_megatron.config import Config
 from rlad_megatron.distributed.groups import ParallelGroups
-from rlad_megatron.losses import vocab_parallel_logprobs
+from rlad_megatron.losses import chunked_linear_logprobs, vocab_parallel_logprobs
 from rlad_megatron.metrics import LOSS_METRICS, mean_of_dicts
 from rlad_megatron.models.forward import run_schedule, split_micro_batches
+from rlad_megatron.models.logprobs import check_chunkable, output_weight
 from rlad_megatron.models.weights import build_model
 from rlad_megatron.objectives import LossInputs, Objective
 from rlad_megatron.optim import build_optimizer, wrap_ddp
@@ -37,12 +38,26 @@ from rlad_megatron.rl.experience import Experience
 from rlad_megatron.rl.micro_batches import plan_micro_batches, plan_stats, row_lengths, trimmed_micro_batches
 
 
-def make_loss_fn(objective: Objective):
-    """The megatron ``loss_func`` body: ``(logits [B, S, V/TP], micro-batch) -> (sum loss, count, metrics)``."""
+def make_loss_fn(objective: Objective, *, logprob_chunk_size: int = 0, model: torch.nn.Module | None = None):
+    """The megatron ``loss_func`` body: ``(logits [B, S, V/TP], micro-batch) -> (sum loss, count, metrics)``.
 
-    def loss_fn(logits_BSV: torch.Tensor, mb: dict):
-        lp_s, entropy = vocab_parallel_logprobs(logits_BSV, mb["targets_BS"], tp_group=objective.tp_group,
-                                                vocab_size=objective.vocab_size, with_entropy=True)
+    With ``logprob_chunk_size`` (and the student ``model``, for its output weight) the schedule must run
+    with ``hidden_states=True``: the body gets the final hidden states ``[S, B, H]`` and takes the
+    log-probs by chunks of positions (:func:`rlad_megatron.losses.chunked_linear_logprobs`).
+    """
+
+    def token_logprobs(out: torch.Tensor, targets_BS: torch.Tensor):
+        if logprob_chunk_size:
+            lp_SB, ent_SB = chunked_linear_logprobs(out, output_weight(model), targets_BS.t(),
+                                                    tp_group=objective.tp_group, vocab_size=objective.vocab_size,
+                                                    chunk_size=logprob_chunk_size, with_entropy=True)
+            return lp_SB.t(), ent_SB.t(), None
+        lp, ent = vocab_parallel_logprobs(out, targets_BS, tp_group=objective.tp_group,
+                                          vocab_size=objective.vocab_size, with_entropy=True)
+        return lp, ent, out
+
+    def loss_fn(out: torch.Tensor, mb: dict):
+        lp_s, entropy, logits_BSV = token_logprobs(out, mb["targets_BS"])
         mask = mb["mask_BS"]
         inputs = LossInputs(lp_s=lp_s, lp_old=mb["lp_old_BS"], advantages=mb["adv_B"], mask=mask,
                             lp_t=mb.get("lp_t_BS"), lp_ref=mb.get("lp_ref_BS"), entropy=entropy,
@@ -79,7 +94,7 @@ class StudentTrainModule:
 
     def __init__(self, *, model, optimizer, scheduler, groups: ParallelGroups, objective: Objective,
                  micro_batch_size: int, clip_grad: float, device: torch.device,
-                 max_tokens_per_micro_batch: int = 0):
+                 max_tokens_per_micro_batch: int = 0, logprob_chunk_size: int = 0):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.groups, self.objective, self.device = groups, objective, device
         self.micro_batch_size, self.clip_grad = micro_batch_size, clip_grad
@@ -87,8 +102,14 @@ class StudentTrainModule:
             warnings.warn(f"rl.max_tokens_per_micro_batch={max_tokens_per_micro_batch} is ignored: objective "
                           f"{objective.name!r} keeps the teacher's logits per fixed micro-batch", stacklevel=2)
             max_tokens_per_micro_batch = 0
-        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
-        self.loss_fn = make_loss_fn(objective)
+        if logprob_chunk_size and objective.uses_teacher_logits:
+            warnings.warn(f"rl.logprob_chunk_size={logprob_chunk_size} is ignored: objective {objective.name!r} "
+                          f"needs the student's whole logits", stacklevel=2)
+            logprob_chunk_size = 0
+        if logprob_chunk_size:
+            check_chunkable(model)
+        self.max_tokens_per_micro_batch, self.logprob_chunk_size = max_tokens_per_micro_batch, logprob_chunk_size
+        self.loss_fn = make_loss_fn(objective, logprob_chunk_size=logprob_chunk_size, model=model)
 
     @classmethod
     def build(cls, cfg: Config, groups: ParallelGroups, *, objective: Objective,
@@ -109,7 +130,8 @@ class StudentTrainModule:
                                                total_steps=updates, pg_collection=groups.collection)
         return cls(model=model, optimizer=optimizer, scheduler=scheduler, groups=groups, objective=objective,
                    micro_batch_size=rl.micro_batch_size, clip_grad=cfg.optimizer.clip_grad, device=device,
-                   max_tokens_per_micro_batch=rl.max_tokens_per_micro_batch)
+                   max_tokens_per_micro_batch=rl.max_tokens_per_micro_batch,
+                   logprob_chunk_size=rl.logprob_chunk_size)
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -131,7 +153,7 @@ class StudentTrainModule:
             for i, mb in enumerate(micro):
                 mb["teacher_logits_BSV"] = full[i * self.micro_batch_size:(i + 1) * self.micro_batch_size]
         out = run_schedule(model=self.model, micro_batches=micro, loss_fn=self.loss_fn, forward_only=False,
-                           device=self.device)
+                           device=self.device, hidden_states=bool(self.logprob_chunk_size))
         stepped, grad_norm = guarded_optimizer_step(self.optimizer, clip_grad=self.clip_grad)
         if stepped:
             self.scheduler.step(increment=1)

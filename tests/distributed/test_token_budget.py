@@ -1,5 +1,6 @@
 """Token-budget micro-batches (rl.max_tokens_per_micro_batch) give the padded path's mini-batch loss,
-gradients of every parameter and teacher/reference log-probs, at TP=2 and at PP=2 (fp32, 1e-5).
+gradients of every parameter and teacher/reference log-probs, at TP=2 and at PP=2 (fp32, 1e-5); so do
+token-budget micro-batches with chunked output-layer log-probs (rl.logprob_chunk_size), tied and untied.
 
 Rows of very different lengths, one with an empty response and one longer than the budget.
 """
@@ -16,6 +17,7 @@ from tests.harness import run_distributed
 ROOT = Path(__file__).resolve().parents[2]
 N, S, BUDGET = 8, 48, 40
 PROMPTS = [4, 5, 6, 4, 5, 6, 4, 5]
+_RUNS: dict = {}
 RESPONSES = [0, 2, 5, 43, 10, 1, 30, 3]  # an empty response; 4 + 43 = 47 > BUDGET
 
 
@@ -35,12 +37,12 @@ def _experience(vocab: int):
     return Experience(tokens_NS=tokens, targets_NS=targets, mask_NS=mask, lp_old_NS=lp_old, advantages_N=adv)
 
 
-def _run(rank, world_size, tp, pp, loss_agg):
+def _run(rank, world_size, tp, pp, loss_agg, tied):
     from rlad_megatron.config import load_config
     from rlad_megatron.distributed import initialize_model_parallel
     from rlad_megatron.objectives import build_objective
     from rlad_megatron.rl.scorer import Scorer
-    from rlad_megatron.rl.train_module import StudentTrainModule
+    from rlad_megatron.rl.train_module import StudentTrainModule, make_loss_fn
 
     cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml", [
         f"--student.parallel.tensor_model_parallel_size={tp}", f"--teacher.parallel.tensor_model_parallel_size={tp}",
@@ -48,6 +50,8 @@ def _run(rank, world_size, tp, pp, loss_agg):
         f"--teacher.parallel.pipeline_model_parallel_size={pp}",
         "--student.load=null", "--teacher.load=null", "--distill.beta=0.1", f"--distill.loss_agg={loss_agg}",
         "--rl.prompts_per_step=2", "--rl.group_size=4", f"--rl.mini_batch_size={N}", "--rl.micro_batch_size=2",
+        f"--student.model.untie_embeddings_and_output_weights={'false' if tied else 'true'}",
+        f"--teacher.model.untie_embeddings_and_output_weights={'false' if tied else 'true'}",
         "--optimizer.lr=0.0", "--optimizer.warmup_steps=0", "--optimizer.clip_grad=0.0"])
     groups = initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=5)
     vocab = cfg.student.model.vocab_size
@@ -58,9 +62,11 @@ def _run(rank, world_size, tp, pp, loss_agg):
     reference = Scorer.build(cfg.student, groups, vocab_size=vocab, micro_batch_size=2, device=device)
     exp = _experience(vocab)
     out = {}
-    for mode, budget in (("padded", 0), ("budget", BUDGET)):
+    for mode, budget, chunk in (("padded", 0, 0), ("budget", BUDGET, 0), ("chunked", BUDGET, 5)):
         teacher.max_tokens_per_micro_batch = reference.max_tokens_per_micro_batch = budget
         student.max_tokens_per_micro_batch = budget
+        teacher.logprob_chunk_size = reference.logprob_chunk_size = student.logprob_chunk_size = chunk
+        student.loss_fn = make_loss_fn(objective, logprob_chunk_size=chunk, model=student.model)
         exp.lp_t_NS, _ = teacher.logprobs(exp)
         exp.lp_ref_NS, _ = reference.logprobs(exp)
         metrics = student.train_mini_batch(exp, torch.arange(N))
@@ -69,12 +75,16 @@ def _run(rank, world_size, tp, pp, loss_agg):
     return {"out": out, "last": groups.is_last_stage, "mask": exp.mask_NS}
 
 
-@pytest.mark.parametrize("tp,pp,loss_agg", [(2, 1, "seq_mean_token_mean"), (1, 2, "seq_mean_token_mean"),
-                                            (1, 2, "token_mean")])
-def test_token_budget_matches_padded(tp, pp, loss_agg):
-    results = run_distributed(_run, world_size=tp * pp, args=(tp, pp, loss_agg))
-    for r in results:
-        padded, budget = r["out"]["padded"], r["out"]["budget"]
+@pytest.mark.parametrize("tp,pp,loss_agg,tied", [(2, 1, "seq_mean_token_mean", False),
+                                                 (1, 2, "seq_mean_token_mean", True),
+                                                 (1, 2, "token_mean", False), (2, 1, "token_mean", True)])
+@pytest.mark.parametrize("mode", ["budget", "chunked"])
+def test_token_budget_matches_padded(tp, pp, loss_agg, tied, mode):
+    key = (tp, pp, loss_agg, tied)
+    if key not in _RUNS:  # one distributed run serves both modes
+        _RUNS[key] = run_distributed(_run, world_size=tp * pp, args=(tp, pp, loss_agg, tied))
+    for r in _RUNS[key]:
+        padded, budget = r["out"]["padded"], r["out"][mode]
         for k, g in padded["grads"].items():
             torch.testing.assert_close(budget["grads"][k], g, rtol=1e-5, atol=1e-5, msg=k)
         assert any(g.abs().sum() > 0 for g in padded["grads"].values())
