@@ -18,7 +18,7 @@ lengths, so padding is small and every micro-batch but the last carries close to
 longer than the budget gets a micro-batch of its own (counted in ``PlanStats.oversized_rows``).
 
 Packed sequences (THD, megatron's ``PackedSeqParams``) would remove the remaining padding, but need
-Transformer Engine's attention; :func:`sequence_layout` says which layout a run uses.
+Transformer Engine's attention; :func:`layout_line` is the log line saying which layout a run uses.
 """
 
 from __future__ import annotations
@@ -107,7 +107,12 @@ def trimmed_micro_batches(batch: dict, plan: list[torch.Tensor], lengths_N: torc
     return out
 
 
-def sequence_layout(*, transformer_engine: bool) -> str:
-    """``"thd"`` (packed) would need TE's attention; this code path always trims (``"trimmed"``)."""
-    del transformer_engine  # packing is not implemented yet (docs/long_sequences.md)
-    return "trimmed"
+def layout_line(*, max_tokens: int, transformer_engine: bool) -> str:
+    """The one log line saying which sequence layout the run uses.
+
+    Packed sequences (THD, ``PackedSeqParams``) need Transformer Engine's attention and are not
+    built yet (docs/long_sequences.md); every run uses trimmed micro-batches.
+    """
+    why = ("THD packing is not implemented yet" if transformer_engine
+           else "THD packing needs Transformer Engine, not available here")
+    return f"micro-batches: token budget {max_tokens}, trimmed to each micro-batch's longest row ({why})"

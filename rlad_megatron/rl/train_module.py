@@ -29,13 +29,20 @@ from rlad_megatron.config import Config
 from rlad_megatron.distributed.groups import ParallelGroups
 from rlad_megatron.losses import chunked_linear_logprobs, vocab_parallel_logprobs
 from rlad_megatron.metrics import LOSS_METRICS, mean_of_dicts
+from rlad_megatron.models.builder import te_available
 from rlad_megatron.models.forward import run_schedule, split_micro_batches
 from rlad_megatron.models.logprobs import check_chunkable, output_weight
 from rlad_megatron.models.weights import build_model
 from rlad_megatron.objectives import LossInputs, Objective
 from rlad_megatron.optim import build_optimizer, wrap_ddp
 from rlad_megatron.rl.experience import Experience
-from rlad_megatron.rl.micro_batches import plan_micro_batches, plan_stats, row_lengths, trimmed_micro_batches
+from rlad_megatron.rl.micro_batches import (
+    layout_line,
+    plan_micro_batches,
+    plan_stats,
+    row_lengths,
+    trimmed_micro_batches,
+)
 
 
 def make_loss_fn(objective: Objective, *, logprob_chunk_size: int = 0, model: torch.nn.Module | None = None):
@@ -128,6 +135,9 @@ class StudentTrainModule:
         optimizer, scheduler = build_optimizer([model], cfg.optimizer,
                                                use_distributed_optimizer=sp.use_distributed_optimizer,
                                                total_steps=updates, pg_collection=groups.collection)
+        if rl.max_tokens_per_micro_batch and torch.distributed.get_rank() == 0:
+            print(layout_line(max_tokens=rl.max_tokens_per_micro_batch,
+                              transformer_engine=device.type == "cuda" and te_available()), flush=True)
         return cls(model=model, optimizer=optimizer, scheduler=scheduler, groups=groups, objective=objective,
                    micro_batch_size=rl.micro_batch_size, clip_grad=cfg.optimizer.clip_grad, device=device,
                    max_tokens_per_micro_batch=rl.max_tokens_per_micro_batch,
