@@ -118,7 +118,7 @@ def main() -> int:
     from rlad_megatron.config import load_config
     from rlad_megatron.distributed import init_distributed, initialize_model_parallel
     from rlad_megatron.objectives import build_objective
-    from rlad_megatron.rl.micro_batches import fixed_plan, plan_micro_batches, plan_stats, row_lengths
+    from rlad_megatron.rl.micro_batches import PlanStats, fixed_plan, plan_micro_batches, plan_stats, row_lengths
     from rlad_megatron.rl.scorer import Scorer
     from rlad_megatron.rl.train_module import StudentTrainModule, make_loss_fn
 
@@ -141,9 +141,12 @@ def main() -> int:
     lengths = row_lengths(exp.mask_NS)
     index = torch.arange(len(exp))
     paths = {"padded": (0, 0), "budget": (args.max_tokens, 0), "budget+chunked": (args.max_tokens, args.chunk)}
-    plans = {"padded": plan_stats(torch.full_like(lengths, args.max_len), fixed_plan(len(exp), args.micro_batch_size)),
-             "budget": plan_stats(lengths, plan_micro_batches(lengths, max_tokens=args.max_tokens))}
     real = int(lengths.sum())
+    fixed = fixed_plan(len(exp), args.micro_batch_size)
+    plans = {"padded": PlanStats(real_tokens=real, padded_tokens=len(exp) * args.max_len, micro_batches=len(fixed),
+                                 oversized_rows=0),
+             "budget": plan_stats(lengths, plan_micro_batches(lengths, max_tokens=args.max_tokens),
+                                  max_tokens=args.max_tokens)}
     results = {}
     for name, (budget, chunk) in paths.items():
         teacher.max_tokens_per_micro_batch, teacher.logprob_chunk_size = budget, chunk

@@ -12,10 +12,11 @@ is causal, so cutting them changes no counted log-prob: regrouping and trimming 
 mini-batch's summed loss, its count and its gradients unchanged (the losses return sums with their
 counts, ``calculate_per_token_loss``).
 
-Packing: rows sorted by length, longest first, fill micro-batches in order while the micro-batch's
-padded cost ``rows x longest row`` stays within the budget. Neighbours in that order have similar
-lengths, so padding is small and every micro-batch but the last carries close to the budget. A row
-longer than the budget gets a micro-batch of its own (counted in ``PlanStats.oversized_rows``).
+Packing: rows sorted by length, longest first, are cut into consecutive runs whose padded cost
+``rows x longest row`` stays within the budget, choosing the cuts that minimise the tokens processed
+plus a fixed overhead per micro-batch (:func:`plan_micro_batches`). Neighbours in that order have
+similar lengths, so padding is small and micro-batches carry similar token counts. A row longer
+than the budget gets a micro-batch of its own (counted in ``PlanStats.oversized_rows``).
 
 Packed sequences (THD, megatron's ``PackedSeqParams``) would remove the remaining padding, but need
 Transformer Engine's attention; :func:`layout_line` is the log line saying which layout a run uses.
@@ -57,20 +58,38 @@ def row_lengths(mask_NS: torch.Tensor) -> torch.Tensor:
     return last.clamp(min=1)
 
 
-def plan_micro_batches(lengths_N: torch.Tensor, *, max_tokens: int) -> list[torch.Tensor]:
-    """Row indices of each micro-batch, ``rows x longest row <= max_tokens`` except single oversized rows."""
+def plan_micro_batches(lengths_N: torch.Tensor, *, max_tokens: int, overhead_tokens: int | None = None
+                       ) -> list[torch.Tensor]:
+    """Row indices of each micro-batch, ``rows x longest row <= max_tokens`` except single oversized rows.
+
+    Rows sorted by length (longest first) are cut into consecutive runs minimising the tokens
+    processed (``rows x longest row`` summed) plus ``overhead_tokens`` per micro-batch (default
+    ``max_tokens / 16``: what one more micro-batch is worth in padding), by dynamic programming over
+    the sorted order; without the overhead term every row would get its own micro-batch.
+    """
     if max_tokens < 1:
         raise ValueError(f"max_tokens_per_micro_batch: expected >= 1, got {max_tokens}")
+    overhead = max_tokens // 16 if overhead_tokens is None else overhead_tokens
     lengths = [int(x) for x in lengths_N.tolist()]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    sorted_len = [lengths[i] for i in order]
+    n = len(order)
+    # best[j]: least cost of cutting the first j sorted rows; cut[j]: where its last run starts.
+    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
+    for i in range(n):  # a run starting at sorted row i has width sorted_len[i]
+        width = sorted_len[i]
+        j = i + 1
+        while j <= n and ((j - i) * width <= max_tokens or j == i + 1):
+            cost = best[i] + (j - i) * width + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+            j += 1
     plan: list[list[int]] = []
-    width = 0
-    for i in order:
-        if plan and (len(plan[-1]) + 1) * width <= max_tokens:
-            plan[-1].append(i)
-        else:
-            plan.append([i])
-            width = lengths[i]
+    j = n
+    while j > 0:
+        plan.append(order[cut[j]:j])
+        j = cut[j]
+    plan.reverse()
     # Each micro-batch in ascending row order: deterministic, and the original order where possible.
     return [torch.tensor(sorted(rows), dtype=torch.int64) for rows in plan]
 

@@ -39,7 +39,9 @@ def test_plan_covers_rows_once_within_budget():
 def test_trimmed_micro_batches_cut_to_longest_row():
     batch = {"tokens_BS": torch.arange(40).view(4, 10), "adv_B": torch.arange(4.0)}
     lengths = torch.tensor([3, 9, 2, 5])
-    plan = plan_micro_batches(lengths, max_tokens=10)
+    # costs (rows x width + 4 per micro-batch): [9] [5] [3, 2] = 32 beats [9] [5, 3] [2] = 33
+    plan = plan_micro_batches(lengths, max_tokens=10, overhead_tokens=4)
     micro = trimmed_micro_batches(batch, plan, lengths)
-    assert [tuple(m["tokens_BS"].shape) for m in micro] == [(1, 9), (2, 5), (1, 2)]
-    assert micro[1]["adv_B"].tolist() == [0.0, 3.0]
+    assert [tuple(m["tokens_BS"].shape) for m in micro] == [(1, 9), (1, 5), (2, 3)]
+    assert micro[2]["adv_B"].tolist() == [0.0, 2.0]
+    assert micro[2]["tokens_BS"].tolist() == [[0, 1, 2], [20, 21, 22]]
