@@ -161,7 +161,9 @@ def main() -> int:
     lp_mem = _logprob_memory(args)
     if world.rank != 0:
         return 0
-    print(f"rows={args.rows} max_len={args.max_len} median response={int(lengths.median())} "
+    responses = exp.mask_NS.sum(1)
+    print(f"rows={args.rows} max_len={args.max_len} response length median={int(responses.median())} "
+          f"max={int(responses.max())} "
           f"real tokens={real} vocab={args.vocab} TP={args.tp} micro_batch_size={args.micro_batch_size} "
           f"max_tokens={args.max_tokens} chunk={args.chunk}; peak memory = peak RSS increase (psutil)")
     print(f"{'path':<16}{'processed':>10}{'padding':>9}{'mbs':>5}{'score s':>9}{'score MB':>9}"
