@@ -120,7 +120,7 @@ def main() -> int:
     from rlad_megatron.objectives import build_objective
     from rlad_megatron.rl.micro_batches import PlanStats, fixed_plan, plan_micro_batches, plan_stats, row_lengths
     from rlad_megatron.rl.scorer import Scorer
-    from rlad_megatron.rl.train_module import StudentTrainModule, make_loss_fn
+    from rlad_megatron.rl.train_module import StudentTrainModule
 
     world = init_distributed("cpu")
     model = [f"--{m}.model.{k}={v}" for m in ("student", "teacher") for k, v in (
@@ -150,8 +150,7 @@ def main() -> int:
     results = {}
     for name, (budget, chunk) in paths.items():
         teacher.max_tokens_per_micro_batch, teacher.logprob_chunk_size = budget, chunk
-        student.max_tokens_per_micro_batch, student.logprob_chunk_size = budget, chunk
-        student.loss_fn = make_loss_fn(objective, logprob_chunk_size=chunk, model=student.model)
+        student.configure(max_tokens_per_micro_batch=budget, logprob_chunk_size=chunk)
         (lp_t, _), t_score, m_score = _timed(lambda: teacher.logprobs(exp), args.reps)
         exp.lp_t_NS = lp_t
         metrics, t_update, m_update = _timed(lambda: student.train_mini_batch(exp, index), args.reps)

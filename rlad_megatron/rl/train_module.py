@@ -105,18 +105,26 @@ class StudentTrainModule:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.groups, self.objective, self.device = groups, objective, device
         self.micro_batch_size, self.clip_grad = micro_batch_size, clip_grad
-        if max_tokens_per_micro_batch and objective.uses_teacher_logits:
+        self.configure(max_tokens_per_micro_batch=max_tokens_per_micro_batch, logprob_chunk_size=logprob_chunk_size)
+
+    def configure(self, *, max_tokens_per_micro_batch: int, logprob_chunk_size: int) -> None:
+        """Set the long-sequence modes (``rl.max_tokens_per_micro_batch``, ``rl.logprob_chunk_size``; 0 = off).
+
+        Objectives that use the teacher's logits keep fixed micro-batches and materialised logits (warned).
+        """
+        name = self.objective.name
+        if max_tokens_per_micro_batch and self.objective.uses_teacher_logits:
             warnings.warn(f"rl.max_tokens_per_micro_batch={max_tokens_per_micro_batch} is ignored: objective "
-                          f"{objective.name!r} keeps the teacher's logits per fixed micro-batch", stacklevel=2)
+                          f"{name!r} keeps the teacher's logits per fixed micro-batch", stacklevel=2)
             max_tokens_per_micro_batch = 0
-        if logprob_chunk_size and objective.uses_teacher_logits:
-            warnings.warn(f"rl.logprob_chunk_size={logprob_chunk_size} is ignored: objective {objective.name!r} "
+        if logprob_chunk_size and self.objective.uses_teacher_logits:
+            warnings.warn(f"rl.logprob_chunk_size={logprob_chunk_size} is ignored: objective {name!r} "
                           f"needs the student's whole logits", stacklevel=2)
             logprob_chunk_size = 0
         if logprob_chunk_size:
-            check_chunkable(model)
+            check_chunkable(self.model)
         self.max_tokens_per_micro_batch, self.logprob_chunk_size = max_tokens_per_micro_batch, logprob_chunk_size
-        self.loss_fn = make_loss_fn(objective, logprob_chunk_size=logprob_chunk_size, model=model)
+        self.loss_fn = make_loss_fn(self.objective, logprob_chunk_size=logprob_chunk_size, model=self.model)
 
     @classmethod
     def build(cls, cfg: Config, groups: ParallelGroups, *, objective: Objective,

@@ -42,7 +42,7 @@ def _run(rank, world_size, tp, pp, loss_agg, tied):
     from rlad_megatron.distributed import initialize_model_parallel
     from rlad_megatron.objectives import build_objective
     from rlad_megatron.rl.scorer import Scorer
-    from rlad_megatron.rl.train_module import StudentTrainModule, make_loss_fn
+    from rlad_megatron.rl.train_module import StudentTrainModule
 
     cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml", [
         f"--student.parallel.tensor_model_parallel_size={tp}", f"--teacher.parallel.tensor_model_parallel_size={tp}",
@@ -64,9 +64,8 @@ def _run(rank, world_size, tp, pp, loss_agg, tied):
     out = {}
     for mode, budget, chunk in (("padded", 0, 0), ("budget", BUDGET, 0), ("chunked", BUDGET, 5)):
         teacher.max_tokens_per_micro_batch = reference.max_tokens_per_micro_batch = budget
-        student.max_tokens_per_micro_batch = budget
-        teacher.logprob_chunk_size = reference.logprob_chunk_size = student.logprob_chunk_size = chunk
-        student.loss_fn = make_loss_fn(objective, logprob_chunk_size=chunk, model=student.model)
+        teacher.logprob_chunk_size = reference.logprob_chunk_size = chunk
+        student.configure(max_tokens_per_micro_batch=budget, logprob_chunk_size=chunk)
         exp.lp_t_NS, _ = teacher.logprobs(exp)
         exp.lp_ref_NS, _ = reference.logprobs(exp)
         metrics = student.train_mini_batch(exp, torch.arange(N))
