@@ -81,7 +81,9 @@ class Trainer:
         self.objective = build_objective(cfg.distill, tp_group=g.tp, vocab_size=vocab)
         # Build order (student, reference, teacher) fixes which random init each model gets.
         self.student = StudentTrainModule.build(cfg, g, objective=self.objective, device=self.device)
-        scoring = dict(vocab_size=vocab, micro_batch_size=rl.micro_batch_size, device=self.device)
+        scoring = dict(vocab_size=vocab, micro_batch_size=rl.micro_batch_size, device=self.device,
+                       max_tokens_per_micro_batch=rl.max_tokens_per_micro_batch,
+                       logprob_chunk_size=rl.logprob_chunk_size)
         # The reference is the student as it started (student.load).
         self.reference = Scorer.build(cfg.student, g, **scoring) if self.objective.needs_reference else None
         self.teacher = Scorer.build(cfg.teacher, g, **scoring) if self.objective.needs_teacher else None

@@ -214,6 +214,14 @@ class RLConfig:
     max_rollout_rows: int = 0
     # Decode steps as captured CUDA graphs (rl/graphed_decode.py); CUDA only, ignored with a warning on CPU.
     cuda_graphs: bool = False
+    # Token-budget micro-batches (DESIGN.md section 4): rows x longest row per micro-batch <= this,
+    # each micro-batch trimmed to its longest row, for the student update and teacher/reference
+    # scoring; 0 = off (micro_batch_size rows per micro-batch, padded to the rollout's width).
+    max_tokens_per_micro_batch: int = 0
+    # Log-probs from the final hidden states in chunks of this many positions (never the whole
+    # [B, S, V/TP] logits); 0 = materialised logits. Objectives that need the full student
+    # logits (forward_kl) keep the materialised path.
+    logprob_chunk_size: int = 0
 
     def validate(self, name: str) -> None:
         if self.max_rollout_rows < 0:
@@ -222,6 +230,9 @@ class RLConfig:
                     "micro_batch_size", "epochs_per_rollout"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{name}.{key}: expected >= 1, got {getattr(self, key)}")
+        for key in ("max_tokens_per_micro_batch", "logprob_chunk_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{name}.{key}: expected >= 0 (0 = off), got {getattr(self, key)}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{name}.top_p: expected in (0, 1], got {self.top_p}")
         if self.temperature < 0:

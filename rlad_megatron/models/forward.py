@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+
+from rlad_megatron.models.logprobs import final_hidden_states
 
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -32,35 +35,48 @@ def shift_left(x_BS: torch.Tensor, fill) -> torch.Tensor:
 
 
 def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool,
-                 device: torch.device) -> list[dict]:
+                 device: torch.device, hidden_states: bool = False) -> list[dict]:
     """Forward (and backward unless ``forward_only``) over ``micro_batches``; returns the metric dicts
-    produced on the last stage (an empty list on other stages)."""
+    produced on the last stage (an empty list on other stages).
+
+    ``hidden_states``: ``loss_fn`` gets the last stage's final hidden states ``[S, B, H]`` instead of
+    the logits (it applies the output layer itself, e.g. in chunks: :mod:`rlad_megatron.models.logprobs`).
+    """
     if not micro_batches:
         return []
-    seq_length = micro_batches[0]["tokens_BS"].shape[1]
-    micro_batch_size = micro_batches[0]["tokens_BS"].shape[0]
-    for mb in micro_batches:
-        if tuple(mb["tokens_BS"].shape) != (micro_batch_size, seq_length):
-            raise ValueError(f"micro-batches must share one shape for the pipeline schedule: expected "
-                             f"{(micro_batch_size, seq_length)}, got {tuple(mb['tokens_BS'].shape)}")
+    shapes = {tuple(mb["tokens_BS"].shape) for mb in micro_batches}
+    micro_batch_size, seq_length = max(shapes, key=lambda bs: bs[0] * bs[1])
+    # Micro-batches of different shapes (token-budget micro-batches, each trimmed to its longest row):
+    # megatron's p2p then sends each activation's shape ahead of it (``variable_seq_lengths``); with
+    # one shape the schedule's fixed ``seq_length`` x ``micro_batch_size`` is used as before.
+    config = get_model_config(model)
+    variable = len(shapes) > 1
+    saved = config.variable_seq_lengths
+    config.variable_seq_lengths = saved or variable
 
     def forward_step(data_iterator: Iterable[dict], stage: torch.nn.Module):
         mb = next(data_iterator)
         mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
         tokens = mb["tokens_BS"]
-        logits = stage(tokens, position_ids_like(tokens), None)
-        return logits, lambda out: loss_fn(out, mb)
+        if hidden_states:
+            out = final_hidden_states(stage, tokens, position_ids_like(tokens))
+        else:
+            out = stage(tokens, position_ids_like(tokens), None)
+        return out, lambda last: loss_fn(last, mb)
 
-    with torch.no_grad() if forward_only else torch.enable_grad():
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=[model],
-            num_microbatches=len(micro_batches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
+    try:
+        with torch.no_grad() if forward_only else torch.enable_grad():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(micro_batches),
+                model=[model],
+                num_microbatches=len(micro_batches),
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=forward_only,
+            )
+    finally:
+        config.variable_seq_lengths = saved
 
 
 def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
