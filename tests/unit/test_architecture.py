@@ -195,3 +195,23 @@ def test_an_unregistered_objective_is_a_config_error():
     with pytest.raises(ConfigError, match=re.escape(f"distill.objective: expected one of {objective_names()}, "
                                                     "got 'ppo'")):
         load_config(None, ["--distill.objective=ppo"])
+
+
+@pytest.mark.parametrize("name", ["rlad", "grpo", "kdrl", "forward_kl"])
+def test_objectives_report_only_the_metric_keys_the_step_reduces(name):
+    """metrics.LOSS_METRICS is the one list every rank reduces; a key an objective adds outside it
+    would be dropped silently."""
+    import torch
+
+    from rlad_megatron.config import DistillConfig
+    from rlad_megatron.metrics import LOSS_METRICS
+    from rlad_megatron.objectives import LossInputs, build_objective
+
+    B, S, V = 3, 5, 11
+    lp_s = -torch.rand(B, S, requires_grad=True)
+    inputs = LossInputs(lp_s=lp_s, lp_old=lp_s.detach(), advantages=torch.randn(B), mask=torch.ones(B, S, dtype=bool),
+                        lp_t=lp_s.detach() - 0.5, lp_ref=lp_s.detach(), entropy=torch.rand(B, S),
+                        student_logits=torch.randn(B, S, V, requires_grad=True), teacher_logits=torch.randn(B, S, V))
+    cfg = DistillConfig(objective=name, beta=0.1, dual_clip=True)
+    _, metrics = build_objective(cfg, vocab_size=V).loss(inputs)
+    assert set(metrics) - {"num_tokens"} <= set(LOSS_METRICS), sorted(set(metrics) - set(LOSS_METRICS))
