@@ -27,10 +27,12 @@ from rlad_megatron.config.schema import (
     RLConfig,
     TrainConfig,
     WandbConfig,
+    check_world,
     padded_vocab_size,
+    same_layout,
 )
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "LoggingConfig",
            "ModelConfig", "ModelSection", "OptimizerConfig", "ParallelConfig", "RLConfig", "TrainConfig", "WandbConfig",
-           "load_config", "load_config_or_exit", "padded_vocab_size", "parse_overrides", "save_config", "to_dict",
-           "to_yaml"]
+           "check_world", "load_config", "load_config_or_exit", "padded_vocab_size", "parse_overrides",
+           "same_layout", "save_config", "to_dict", "to_yaml"]

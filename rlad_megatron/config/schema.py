@@ -131,6 +131,9 @@ class ModelSection:
     # Weights to start from: a converted megatron directory, its dist/, an HF directory or a
     # training checkpoint (save dir or step dir); None keeps the random initialisation.
     load: Optional[str] = None
+    # Teacher only: parameters live in (pinned) host memory outside the scoring phase, so the
+    # student's update runs without them on the device (models/offload.py).
+    offload: bool = False
 
     def validate(self, name: str) -> None:
         self.model.validate(f"{name}.model")
@@ -168,6 +171,30 @@ class ModelSection:
     def padded_vocab_size(self) -> int:
         return padded_vocab_size(self.model.vocab_size, self.model.make_vocab_size_divisible_by,
                                  self.parallel.tensor_model_parallel_size)
+
+
+def layout(section: ModelSection) -> tuple[int, int, int]:
+    """(TP, PP, EP) of a model section: what decides its process groups."""
+    p = section.parallel
+    return p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
+
+
+def same_layout(a: ModelSection, b: ModelSection) -> bool:
+    """Whether two models can share one set of process groups (the EP of a dense model does not count)."""
+    return layout(a)[:2] == layout(b)[:2] and (
+        not (a.model.num_experts and b.model.num_experts) or layout(a)[2] == layout(b)[2])
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError when a model's grid does not divide the world (called before any group is built)."""
+    for name in ("student", "teacher"):
+        tp, pp, ep = layout(getattr(cfg, name))
+        for what, size in (("tensor_model_parallel_size x pipeline_model_parallel_size", tp * pp),
+                           ("expert_model_parallel_size x tensor_model_parallel_size x "
+                            "pipeline_model_parallel_size", ep * tp * pp)):
+            if world_size % size:
+                raise ConfigError(f"{name}.parallel: expected {what} = {size} to divide the world size "
+                                  f"{world_size}, got a remainder of {world_size % size}")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -267,6 +294,12 @@ class DistillConfig:
     tau_adv: float = -math.inf
     gate_level: Literal["token", "sequence"] = "token"
     loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
+    # Objectives that match the teacher's distribution (forward_kl) get its top-k log-probs per
+    # position plus one tail bucket (k clipped to the vocabulary); 0 keeps the teacher's whole
+    # logits shard of the rollout (N x S x V/TP: small vocabularies and a shared layout only).
+    teacher_topk: int = 64
+    # The frozen reference (beta > 0) lives in host memory outside the scoring phase, as teacher.offload.
+    reference_offload: bool = False
 
     def validate(self, name: str) -> None:
         if self.objective not in objective_names():
@@ -276,6 +309,8 @@ class DistillConfig:
         for key in ("teacher_clamp", "eps_low", "eps_high", "beta", "beta_kd"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{name}.{key}: expected >= 0, got {getattr(self, key)}")
+        if self.teacher_topk < 0:
+            raise ConfigError(f"{name}.teacher_topk: expected >= 0 (0 = full logits), got {self.teacher_topk}")
         if self.c_dual <= 1.0:
             raise ConfigError(f"{name}.c_dual: expected > 1, got {self.c_dual}")
 
@@ -372,15 +407,14 @@ class Config:
         self.distill.validate("distill")
         self.data.validate("data")
         self.train.validate("train")
-        if self.student.padded_vocab_size != self.teacher.padded_vocab_size:
-            raise ConfigError(
-                "teacher.model.vocab_size: teacher and student must share the vocabulary; expected "
-                f"padded size {self.student.padded_vocab_size} (student), got "
-                f"{self.teacher.padded_vocab_size}")
         if self.student.model.vocab_size != self.teacher.model.vocab_size:
+            # Padded sizes may differ (each pads for its own TP); the token ids must mean the same.
             raise ConfigError(
-                f"teacher.model.vocab_size: expected {self.student.model.vocab_size} (the student's), "
-                f"got {self.teacher.model.vocab_size}")
+                f"teacher.model.vocab_size: teacher and student must share the true vocabulary; expected "
+                f"{self.student.model.vocab_size} (the student's), got {self.teacher.model.vocab_size}")
+        if self.student.offload:
+            raise ConfigError("student.offload: expected false (the student trains on the device; "
+                              "distill.reference_offload offloads its frozen reference copy), got true")
         sm = self.student.model
         if sm.num_experts and self.student.parallel.tensor_model_parallel_size > 1:
             # megatron-core's MoELayer trains at TP > 1 only with sequence parallelism, and generation
@@ -391,16 +425,7 @@ class Config:
         if self.teacher.model.num_experts and self.teacher.model.moe_aux_loss_coeff:
             raise ConfigError("teacher.model.moe_aux_loss_coeff: expected 0 (the teacher is frozen; a router "
                               f"loss would train nothing), got {self.teacher.model.moe_aux_loss_coeff}")
-        # One megatron parallel_state grid serves both models for now.
-        sp, tp_ = self.student.parallel, self.teacher.parallel
-        if (self.student.model.num_experts and self.teacher.model.num_experts
-                and sp.expert_model_parallel_size != tp_.expert_model_parallel_size):
-            raise ConfigError(
-                f"teacher.parallel.expert_model_parallel_size: expected {sp.expert_model_parallel_size} (the "
-                f"student's; separate teacher grids are not supported yet), got {tp_.expert_model_parallel_size}")
-        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            if getattr(sp, key) != getattr(tp_, key):
-                raise ConfigError(
-                    f"teacher.parallel.{key}: expected {getattr(sp, key)} (the student's; separate "
-                    f"teacher grids are not supported yet), got {getattr(tp_, key)}")
+        if self.distill.teacher_topk == 0 and not same_layout(self.student, self.teacher):
+            raise ConfigError("distill.teacher_topk: expected >= 1 when the teacher has its own layout (full "
+                              "teacher logits are kept only on the student's layout), got 0")
         return self

@@ -50,7 +50,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["--teacher.model.vocab_size=300"], "teacher.model.vocab_size"),
     (["--student.model.num_query_groups=3"], "student.model.num_query_groups: expected a divisor"),
     (["--rl.mini_batch_size=5"], "rl.mini_batch_size: expected a divisor"),
-    (["--teacher.parallel.tensor_model_parallel_size=2"], "teacher.parallel.tensor_model_parallel_size"),
+    (["--teacher.parallel.tensor_model_parallel_size=3"],
+     "teacher.parallel.tensor_model_parallel_size: expected a divisor"),
     (["--logging.tensorboard=yes please"], "logging.tensorboard: expected a boolean"),
     (["--data.prompt_template=Q:"], "data.prompt_template"),
 ])
