@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rlad_megatron.checkpointing import files, latest_checkpoint
-from rlad_megatron.config import Config, save_config
+from rlad_megatron.config import Config, check_world, same_layout, save_config
 from rlad_megatron.data import PromptSampler, build_prompt_dataset, build_tokenizer, check_vocab_fits, shard_for_rank
 from rlad_megatron.distributed import WorldInfo, initialize_model_parallel
 from rlad_megatron.evaluation import answer_and_score, summarize
@@ -42,6 +42,7 @@ from rlad_megatron.rl.rewards import reward_batch
 from rlad_megatron.rl.rollout import repeat_prompts, rollout_row_seeds
 from rlad_megatron.rl.rollout_metrics import MAX_KEY, MEAN_KEY, logprob_mismatch
 from rlad_megatron.rl.scorer import Scorer
+from rlad_megatron.rl.teacher_layout import LayoutScorer, teacher_groups
 from rlad_megatron.rl.train_module import StudentTrainModule
 
 MISMATCH_KEYS = (MEAN_KEY, MAX_KEY)
@@ -55,8 +56,10 @@ class Trainer:
     def __init__(self, cfg: Config, world: WorldInfo):
         self.cfg, self.world, self.device = cfg, world, world.device
         sp, rl = cfg.student.parallel, cfg.rl
-        # One grid serves both models, so one expert-parallel size: the MoE models' (validated equal).
-        ep = next((s.parallel.expert_model_parallel_size for s in (cfg.student, cfg.teacher) if s.model.num_experts), 1)
+        check_world(cfg, world.world_size)
+        # megatron's global grid is the student's; a teacher on the same layout shares it (and its EP).
+        shared = (cfg.student, cfg.teacher) if same_layout(cfg.student, cfg.teacher) else (cfg.student,)
+        ep = next((s.parallel.expert_model_parallel_size for s in shared if s.model.num_experts), 1)
         self.groups = g = initialize_model_parallel(tensor_model_parallel_size=sp.tensor_model_parallel_size,
                                                     pipeline_model_parallel_size=sp.pipeline_model_parallel_size,
                                                     expert_model_parallel_size=ep, seed=cfg.train.seed)
@@ -85,8 +88,16 @@ class Trainer:
                        max_tokens_per_micro_batch=rl.max_tokens_per_micro_batch,
                        logprob_chunk_size=rl.logprob_chunk_size)
         # The reference is the student as it started (student.load).
-        self.reference = Scorer.build(cfg.student, g, **scoring) if self.objective.needs_reference else None
-        self.teacher = Scorer.build(cfg.teacher, g, **scoring) if self.objective.needs_teacher else None
+        self.reference = (Scorer.build(cfg.student, g, **scoring, offload=cfg.distill.reference_offload)
+                          if self.objective.needs_reference else None)
+        self.teacher = None
+        if self.objective.needs_teacher:
+            # The teacher's own grid (teacher.parallel), or the student's when the layouts agree.
+            tg = teacher_groups(cfg, g)
+            self.teacher = Scorer.build(cfg.teacher, tg, **scoring, offload=cfg.teacher.offload)
+            if tg is not g:
+                self.teacher = LayoutScorer(self.teacher, student_groups=g, pad_id=self.tokenizer.pad_id,
+                                            device=self.device)
         self.generator = Generator(model=self.student.policy, groups=g, vocab_size=vocab,
                                    eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
                                    max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
@@ -176,9 +187,12 @@ class Trainer:
         exp = build_experience(rollout, adv.advantages_N, pad_id=self.tokenizer.pad_id)
         t1 = time.perf_counter()
         # 3. Teacher (and reference) log-probs of the sampled tokens.
+        copy_s = self._copy_s()
         if self.teacher is not None:
-            exp.lp_t_NS, exp.teacher_logits = self.teacher.logprobs(
-                exp, keep_logits=self.objective.uses_teacher_logits)
+            signal = self.teacher.teacher_signal(exp, topk=self.objective.teacher_topk,
+                                                 keep_logits=self.objective.keeps_teacher_logits)
+            exp.lp_t_NS, exp.teacher_logits = signal.lp_NS, signal.logits
+            exp.teacher_topk_ids_NSK, exp.teacher_topk_lp_NSK = signal.topk_ids_NSK, signal.topk_lp_NSK
         if self.reference is not None:
             exp.lp_ref_NS, _ = self.reference.logprobs(exp)
         lp_NS, _ = self.policy_scorer.logprobs(exp)
@@ -205,9 +219,14 @@ class Trainer:
                                                  device=self.device))
         tokens = float(rollout.lengths_B.sum()) * g.dp_size
         metrics.update({"time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/train_s": t3 - t2,
+                        "time/offload_s": self._copy_s() - copy_s,
                         "time/step_s": t3 - t0, "tokens_per_s": tokens / max(t3 - t0, 1e-9), "lr": self.student.lr})
         self._guard(metrics)
         return metrics
+
+    def _copy_s(self) -> float:
+        """Seconds spent moving offloaded teacher / reference parameters so far (part of time/teacher_s)."""
+        return sum(m.copy_s for m in (self.teacher, self.reference) if m is not None)
 
     def _guard(self, metrics: dict[str, float]) -> None:
         if metrics["skipped_step"] > 0 or not math.isfinite(metrics["loss"]):
@@ -221,11 +240,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, model: torch.nn.Module, *, limit: int) -> float:
-        """Greedy accuracy of ``model`` on the first ``limit`` eval prompts (split over DP replicas)."""
-        g = self.groups
+    def evaluate(self, model: torch.nn.Module, *, limit: int, groups=None) -> float:
+        """Greedy accuracy of ``model`` (on ``groups``, default the student's) on the first ``limit`` eval
+        prompts (split over its DP replicas)."""
+        g = groups or self.groups
         examples = shard_for_rank(list(self.eval_data.examples[:limit]), rank=g.dp_rank, world_size=g.dp_size)
-        greedy = dataclasses.replace(self.generator, model=model, temperature=0.0)
+        greedy = dataclasses.replace(self.generator, model=model, groups=g, temperature=0.0)
         records = answer_and_score(generator=greedy, tokenizer=self.tokenizer, examples=examples)
         return mean_over_ranks({"acc": summarize(records)["accuracy"]}, device=self.device, group=g.dp)["acc"]
 
@@ -236,7 +256,9 @@ class Trainer:
         limit = self.cfg.train.eval_samples
         metrics["eval/student_accuracy"] = self.evaluate(self.student.policy, limit=limit)
         if first and self.teacher is not None:
-            metrics["eval/teacher_accuracy"] = self.evaluate(self.teacher.model, limit=limit)
+            with self.teacher.resident():
+                metrics["eval/teacher_accuracy"] = self.evaluate(self.teacher.model, limit=limit,
+                                                                 groups=self.teacher.groups)
 
     # ------------------------------------------------------------------ loop
 

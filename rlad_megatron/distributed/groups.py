@@ -1,6 +1,9 @@
-"""Process groups. The only module that reads megatron-core's global ``parallel_state``.
+"""Process groups. The only module that reads megatron-core's global ``parallel_state`` or creates groups.
 
-Everything else receives a :class:`ParallelGroups` (or single groups) as arguments.
+Everything else receives a :class:`ParallelGroups` (or single groups) as arguments. megatron's
+global ``parallel_state`` is the student's grid (its DDP, optimizer and RNG trackers read it); a
+teacher on its own layout gets a second, complete set of groups over the same ranks
+(:func:`build_layout_groups`), which megatron-core takes through ``pg_collection``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 
@@ -107,6 +111,49 @@ def current_groups() -> ParallelGroups:
         expert_tp=ps.get_expert_tensor_parallel_group(),
         expert_dp=ps.get_expert_data_parallel_group(),
     )
+
+
+def _check_divides(world: int, *, tp: int, pp: int, ep: int, what: str) -> None:
+    if world % (tp * pp) or world % (tp * pp * ep):
+        raise ValueError(f"{what}: expected TP x PP = {tp} x {pp} and EP x TP x PP = {ep} x {tp} x {pp} to divide "
+                         f"the world size {world}")
+
+
+def build_layout_groups(*, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                        expert_model_parallel_size: int = 1, what: str = "teacher.parallel") -> ParallelGroups:
+    """A second TP x PP x DP grid (and EP grid) over all ranks, leaving megatron's ``parallel_state`` alone.
+
+    Rank order is megatron's default ``tp-cp-ep-dp-pp`` (TP fastest, PP slowest), so a layout equal to
+    the student's gets the same rank sets. Every rank must call this, in the same order (creating a
+    group is collective over the world).
+    """
+    tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
+    world, rank = dist.get_world_size(), dist.get_rank()
+    _check_divides(world, tp=tp, pp=pp, ep=ep, what=what)
+    dp, expert_dp = world // (tp * pp), world // (tp * pp * ep)
+    grid = HyperCommGrid([tp, 1, dp, pp], ["tp", "cp", "dp", "pp"])
+    # Expert TP = TP (megatron's default), as for the student.
+    expert = HyperCommGrid([tp, ep, expert_dp, pp], ["tp", "ep", "dp", "pp"])
+    pc = dict(tp=grid.create_pg("tp"), cp=grid.create_pg("cp"), pp=grid.create_pg("pp"), dp=grid.create_pg("dp"),
+              mp=grid.create_pg(["tp", "pp"]), tp_cp=grid.create_pg(["tp", "cp"]),
+              dp_cp=grid.create_pg(["cp", "dp"]), tp_dp_cp=grid.create_pg(["tp", "cp", "dp"]),
+              ep=expert.create_pg("ep"), expt_tp=expert.create_pg("tp"), expt_dp=expert.create_pg("dp"),
+              tp_ep=expert.create_pg(["tp", "ep"]), tp_ep_pp=expert.create_pg(["tp", "ep", "pp"]))
+    # The embedding group ties the first and last stage of each pipeline (the tied output layer);
+    # the position-embedding group is the first stage. Every rank creates every pipeline's groups.
+    for pipeline in grid.get_rank_enum("pp"):
+        for key, ranks in (("embd", sorted({pipeline[0], pipeline[-1]})), ("pos_embd", [pipeline[0]])):
+            group = dist.new_group(ranks=ranks)
+            if rank in ranks:
+                pc[key] = group
+    pc.setdefault("embd", None)
+    pc.setdefault("pos_embd", None)
+    collection = ProcessGroupCollection(**pc)
+    return ParallelGroups(
+        tp=pc["tp"], pp=pc["pp"], dp=pc["dp"], dp_cp=pc["dp_cp"], mp=pc["mp"],
+        tp_rank=dist.get_rank(pc["tp"]), tp_size=tp, pp_rank=dist.get_rank(pc["pp"]), pp_size=pp,
+        dp_rank=dist.get_rank(pc["dp"]), dp_size=dp, collection=collection,
+        ep=pc["ep"], ep_rank=dist.get_rank(pc["ep"]), ep_size=ep, expert_tp=pc["expt_tp"], expert_dp=pc["expt_dp"])
 
 
 def destroy_model_parallel() -> None:

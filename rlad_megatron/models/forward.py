@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_model_config
 
+from rlad_megatron.distributed.groups import ParallelGroups
 from rlad_megatron.models.logprobs import final_hidden_states
 
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -35,12 +37,16 @@ def shift_left(x_BS: torch.Tensor, fill) -> torch.Tensor:
 
 
 def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool,
-                 device: torch.device, hidden_states: bool = False) -> list[dict]:
+                 device: torch.device, hidden_states: bool = False,
+                 groups: ParallelGroups | None = None) -> list[dict]:
     """Forward (and backward unless ``forward_only``) over ``micro_batches``; returns the metric dicts
     produced on the last stage (an empty list on other stages).
 
     ``hidden_states``: ``loss_fn`` gets the last stage's final hidden states ``[S, B, H]`` instead of
     the logits (it applies the output layer itself, e.g. in chunks: :mod:`rlad_megatron.models.logprobs`).
+
+    ``groups``: the model's own process groups (a teacher on its own layout); None runs on megatron's
+    global ``parallel_state`` (the student's grid).
     """
     if not micro_batches:
         return []
@@ -64,9 +70,15 @@ def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: 
             out = stage(tokens, position_ids_like(tokens), None)
         return out, lambda last: loss_fn(last, mb)
 
+    extra: dict = {}
+    schedule = get_forward_backward_func()
+    if groups is not None:
+        schedule = get_forward_backward_func(pp_size=groups.pp_size)
+        extra = dict(pg_collection=groups.collection, p2p_communicator=P2PCommunicator(pp_group=groups.pp,
+                                                                                        config=config))
     try:
         with torch.no_grad() if forward_only else torch.enable_grad():
-            return get_forward_backward_func()(
+            return schedule(
                 forward_step_func=forward_step,
                 data_iterator=iter(micro_batches),
                 model=[model],
@@ -74,15 +86,17 @@ def run_schedule(*, model: torch.nn.Module, micro_batches: list[dict], loss_fn: 
                 seq_length=seq_length,
                 micro_batch_size=micro_batch_size,
                 forward_only=forward_only,
+                **extra,
             )
     finally:
         config.variable_seq_lengths = saved
 
 
-def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
-    """Split a dict of [N, ...] tensors along dim 0 into micro-batches of ``micro_batch_size``."""
+def split_micro_batches(batch: dict, micro_batch_size: int, *, allow_remainder: bool = False) -> list[dict]:
+    """Split a dict of [N, ...] tensors along dim 0 into micro-batches of ``micro_batch_size`` (the last one
+    smaller when ``allow_remainder``: forward-only scoring of a slice of rows)."""
     n = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-    if n % micro_batch_size:
+    if n % micro_batch_size and not allow_remainder:
         raise ValueError(f"batch of {n} sequences is not divisible by micro_batch_size={micro_batch_size}")
     return [{k: (v[i:i + micro_batch_size] if torch.is_tensor(v) else v) for k, v in batch.items()}
             for i in range(0, n, micro_batch_size)]

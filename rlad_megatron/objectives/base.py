@@ -40,6 +40,8 @@ class LossInputs:
     entropy: per-token entropy, logged only.
     student_logits / teacher_logits: ``[B, S, V/TP]`` shards, for objectives that match the
         teacher's distribution (``uses_teacher_logits``).
+    teacher_topk_ids / teacher_topk_lp: ``[B, S, k]`` the teacher's top-k token ids (global) and
+        log-probs per position, the compact form of its distribution (``distill.teacher_topk``).
     """
 
     lp_s: torch.Tensor
@@ -51,6 +53,8 @@ class LossInputs:
     entropy: Optional[torch.Tensor] = None
     student_logits: Optional[torch.Tensor] = None
     teacher_logits: Optional[torch.Tensor] = None
+    teacher_topk_ids: Optional[torch.Tensor] = None
+    teacher_topk_lp: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -84,6 +88,18 @@ class Objective:
     @property
     def needs_reference(self) -> bool:
         return self.cfg.beta > 0
+
+    @property
+    def keeps_teacher_logits(self) -> bool:
+        """The teacher's whole logits shards are kept (``distill.teacher_topk: 0``), not its top-k."""
+        return self.uses_teacher_logits and self.cfg.teacher_topk == 0
+
+    @property
+    def teacher_topk(self) -> int:
+        """k of the teacher's top-k distribution this objective needs (0: none), clipped to the vocabulary."""
+        if not self.uses_teacher_logits or self.keeps_teacher_logits:
+            return 0
+        return min(self.cfg.teacher_topk, self.vocab_size) if self.vocab_size else self.cfg.teacher_topk
 
     # ------------------------------------------------------------------ the one hook
 

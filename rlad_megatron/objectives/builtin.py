@@ -9,8 +9,10 @@ For each response token (log-probs of the sampled token only)::
     s_t   = max(s_t, c_dual * A)   if dual_clip and A < 0
 
 ``rlad`` minimises ``-agg(s_t)``; ``grpo`` is alpha = 1; ``kdrl`` is GRPO plus
-``beta_kd * agg(0.5 * (lp_s - lp_t)^2)``; ``forward_kl`` is ``agg(KL(pi_t || pi_s))`` over the full
-sharded vocabulary (pure on-policy distillation, no advantage term). ``beta > 0`` adds the
+``beta_kd * agg(0.5 * (lp_s - lp_t)^2)``; ``forward_kl`` is ``agg(KL(pi_t || pi_s))`` (pure on-policy
+distillation, no advantage term) over the teacher's top-k tokens plus one tail bucket
+(``distill.teacher_topk``; with k = vocabulary it is the full-vocabulary KL), or over the full
+sharded vocabulary when the teacher's logits are kept (``teacher_topk: 0``). ``beta > 0`` adds the
 reference k3 term to all of them (see :class:`~rlad_megatron.objectives.base.Objective`).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from rlad_megatron.losses.trrd import ppo_surrogate, selective_gate, teacher_log_ratio, token_mean
+from rlad_megatron.losses.topk import vocab_parallel_topk_forward_kl
 from rlad_megatron.losses.vocab_parallel import vocab_parallel_forward_kl
 from rlad_megatron.objectives.base import LossInputs, Objective, Tokens
 from rlad_megatron.objectives.registry import register
@@ -85,17 +88,23 @@ class KDRL(Objective):
 
 @register
 class ForwardKL(Objective):
-    """On-policy distillation: full-vocabulary KL(pi_t || pi_s), vocab-parallel, no advantage term."""
+    """On-policy distillation: KL(pi_t || pi_s), vocab-parallel, no advantage term."""
 
     name = "forward_kl"
     uses_teacher_logits = True
 
     def check_inputs(self, x: LossInputs) -> None:
-        if x.student_logits is None or x.teacher_logits is None or self.vocab_size is None:
-            raise ValueError("student_logits, teacher_logits, vocab_size: required for "
-                             f"distill.objective={self.name!r}")
+        teacher = x.teacher_logits if self.keeps_teacher_logits else x.teacher_topk_ids
+        if x.student_logits is None or teacher is None or self.vocab_size is None:
+            what = "teacher_logits" if self.keeps_teacher_logits else "teacher_topk_ids, teacher_topk_lp"
+            raise ValueError(f"student_logits, {what}, vocab_size: required for distill.objective={self.name!r}")
 
     def token_loss(self, tok: Tokens, x: LossInputs):
-        kl_BS = vocab_parallel_forward_kl(x.student_logits, x.teacher_logits, tp_group=self.tp_group,
-                                          vocab_size=self.vocab_size).to(x.lp_s.dtype)
+        if self.keeps_teacher_logits:
+            kl_BS = vocab_parallel_forward_kl(x.student_logits, x.teacher_logits, tp_group=self.tp_group,
+                                              vocab_size=self.vocab_size)
+        else:
+            kl_BS = vocab_parallel_topk_forward_kl(x.student_logits, x.teacher_topk_ids, x.teacher_topk_lp,
+                                                   tp_group=self.tp_group, vocab_size=self.vocab_size)
+        kl_BS = kl_BS.to(x.lp_s.dtype)
         return kl_BS, tok.delta_old, {"kl_forward": token_mean(kl_BS, tok.valid)}

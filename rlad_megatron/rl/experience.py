@@ -25,7 +25,10 @@ class Experience:
     advantages_N: torch.Tensor  # float32, one GRPO advantage per row
     lp_t_NS: torch.Tensor | None = None  # teacher log-probs (last pipeline stage only)
     lp_ref_NS: torch.Tensor | None = None  # reference log-probs (beta > 0, last stage only)
-    # forward_kl: the teacher's logits shard of each micro-batch (last stage only).
+    # forward_kl: the teacher's top-k ids (int32) and log-probs per position (last stage only) ...
+    teacher_topk_ids_NSK: torch.Tensor | None = None
+    teacher_topk_lp_NSK: torch.Tensor | None = None
+    # ... or, with distill.teacher_topk = 0, its logits shard of each scoring micro-batch.
     teacher_logits: list[torch.Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -40,6 +43,9 @@ class Experience:
             out["lp_t_BS"] = self.lp_t_NS[index]
         if self.lp_ref_NS is not None:
             out["lp_ref_BS"] = self.lp_ref_NS[index]
+        if self.teacher_topk_ids_NSK is not None:
+            out["teacher_topk_ids_BSK"] = self.teacher_topk_ids_NSK[index]
+            out["teacher_topk_lp_BSK"] = self.teacher_topk_lp_NSK[index]
         return out
 
 

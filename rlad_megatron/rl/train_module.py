@@ -68,7 +68,9 @@ def make_loss_fn(objective: Objective, *, logprob_chunk_size: int = 0, model: to
         mask = mb["mask_BS"]
         inputs = LossInputs(lp_s=lp_s, lp_old=mb["lp_old_BS"], advantages=mb["adv_B"], mask=mask,
                             lp_t=mb.get("lp_t_BS"), lp_ref=mb.get("lp_ref_BS"), entropy=entropy,
-                            student_logits=logits_BSV, teacher_logits=mb.get("teacher_logits_BSV"))
+                            student_logits=logits_BSV, teacher_logits=mb.get("teacher_logits_BSV"),
+                            teacher_topk_ids=mb.get("teacher_topk_ids_BSK"),
+                            teacher_topk_lp=mb.get("teacher_topk_lp_BSK"))
         loss, metrics = objective.loss(inputs, num_sequences=1.0, num_tokens=1.0)
         count = mask.shape[0] if objective.cfg.loss_agg == "seq_mean_token_mean" else int(mask.sum())
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -110,10 +112,11 @@ class StudentTrainModule:
     def configure(self, *, max_tokens_per_micro_batch: int, logprob_chunk_size: int) -> None:
         """Set the long-sequence modes (``rl.max_tokens_per_micro_batch``, ``rl.logprob_chunk_size``; 0 = off).
 
-        Objectives that use the teacher's logits keep fixed micro-batches and materialised logits (warned).
+        Objectives that keep the teacher's logits keep fixed micro-batches (warned); those that use the
+        teacher's distribution need the student's materialised logits (warned).
         """
         name = self.objective.name
-        if max_tokens_per_micro_batch and self.objective.uses_teacher_logits:
+        if max_tokens_per_micro_batch and self.objective.keeps_teacher_logits:
             warnings.warn(f"rl.max_tokens_per_micro_batch={max_tokens_per_micro_batch} is ignored: objective "
                           f"{name!r} keeps the teacher's logits per fixed micro-batch", stacklevel=2)
             max_tokens_per_micro_batch = 0

@@ -34,7 +34,7 @@ def tiny_hf_model(model_type: str, *, tied: bool = False, dtype: torch.dtype = t
            "qwen3": transformers.Qwen3Config, "llama3": transformers.LlamaConfig,
            "qwen3_moe": transformers.Qwen3MoeConfig, "mixtral": transformers.MixtralConfig}[model_type]
     # head_dim 16 = hidden / heads; Qwen3's default (128) would not be.
-    config = cls(**SHAPE, head_dim=16, tie_word_embeddings=tied, **{**FAMILIES.get(model_type, {}), **extra})
+    config = cls(**{**SHAPE, "head_dim": 16, "tie_word_embeddings": tied, **FAMILIES.get(model_type, {}), **extra})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         # Every tensor random (norms around 1, biases non-zero) so a wrong mapping cannot hide.

@@ -1,0 +1,204 @@
+"""Rows between two layouts on the same ranks: the student's DP replicas to the teacher's, and back.
+
+    exchange = RowExchange(src=layout_ranks(student_groups, device), dst=layout_ranks(teacher_groups, device),
+                           device=device)
+    plan = exchange.plan(widths_N)                       # collective: every replica's row widths
+    mine = exchange.to_dst(plan, {"tokens": tokens_NS})  # this rank's teacher replica's rows, trimmed
+    back = exchange.to_src(plan, {"lp": lp_MW})          # this student replica's rows (last stage only)
+
+Legend: N rows of this rank's student replica, S their padded width, M rows of this rank's teacher
+replica, W_i row i's width (the positions it needs), extra trailing dims (e.g. top-k) after them.
+
+Every rank of a student replica holds the same rows (the rollout is replicated inside a replica).
+The rows of all student replicas, in replica order, are cut into one contiguous slice per teacher
+replica, balanced by token count; every rank of a teacher replica receives its slice (each stage
+needs the token ids: the first for the embedding, the last for the targets). The results travel
+back to the last pipeline stage of the student replica that owns the row, from one last-stage rank
+of the teacher replica that scored it. Each row goes to each receiving rank exactly once, from one
+sender; senders are spread over the ranks that hold the rows. Only the first ``W_i`` columns of a
+row travel, so the traffic is O(tokens) (times the trailing dims); nothing is O(vocabulary).
+Transfers are point-to-point (``batch_isend_irecv``); a rank's message to itself is a local copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LayoutRanks:
+    """Under one layout: each global rank's DP replica and whether it is a last pipeline stage."""
+
+    replica: tuple[int, ...]
+    last_stage: tuple[bool, ...]
+
+    @property
+    def num_replicas(self) -> int:
+        return max(self.replica) + 1
+
+    def ranks(self, replica: int) -> list[int]:
+        return [r for r, rep in enumerate(self.replica) if rep == replica]
+
+    def last_ranks(self, replica: int) -> list[int]:
+        return [r for r in self.ranks(replica) if self.last_stage[r]]
+
+
+def layout_ranks(groups, device: torch.device) -> LayoutRanks:
+    """Collective over the world: who is who under ``groups`` (a :class:`ParallelGroups`)."""
+    mine = torch.tensor([groups.dp_rank, int(groups.is_last_stage)], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return LayoutRanks(replica=tuple(int(t[0]) for t in every), last_stage=tuple(bool(t[1]) for t in every))
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """Which global rows each replica holds and scores; identical on every rank."""
+
+    widths: tuple[tuple[int, ...], ...]  # per source replica, each row's width
+    cuts: tuple[int, ...]  # destination replica j scores global rows cuts[j]:cuts[j + 1]
+
+    def src_rows(self, replica: int) -> range:
+        start = sum(len(w) for w in self.widths[:replica])
+        return range(start, start + len(self.widths[replica]))
+
+    def dst_rows(self, replica: int) -> range:
+        return range(self.cuts[replica], self.cuts[replica + 1])
+
+    @property
+    def all_widths(self) -> list[int]:
+        return [w for ws in self.widths for w in ws]
+
+
+def balanced_cuts(widths: list[int], parts: int) -> tuple[int, ...]:
+    """Cut ``widths`` into ``parts`` contiguous slices of about equal summed width (some may be empty)."""
+    total = sum(widths)
+    cuts, acc, row = [0], 0, 0
+    for j in range(1, parts):
+        target = total * j / parts
+        # Take rows while doing so brings the slice's end closer to its share.
+        while row < len(widths) and abs(acc + widths[row] - target) <= abs(acc - target):
+            acc += widths[row]
+            row += 1
+        cuts.append(row)
+    cuts.append(len(widths))
+    return tuple(cuts)
+
+
+def _overlap(a: range, b: range) -> range:
+    return range(max(a.start, b.start), min(a.stop, b.stop))
+
+
+class RowExchange:
+    """Moves rows from the ``src`` layout's replicas to the ``dst`` layout's replicas and results back."""
+
+    def __init__(self, *, src: LayoutRanks, dst: LayoutRanks, device: torch.device):
+        if len(src.replica) != len(dst.replica):
+            raise ValueError(f"layouts over different worlds: {len(src.replica)} and {len(dst.replica)} ranks")
+        self.src, self.dst, self.device = src, dst, device
+        self.rank = dist.get_rank()
+
+    def plan(self, widths_N: torch.Tensor) -> ExchangePlan:
+        """Collective over the world: gather every source replica's row widths ``[N]`` (int)."""
+        counts = torch.zeros(len(self.src.replica), dtype=torch.int64, device=self.device)
+        counts[self.rank] = widths_N.numel()
+        dist.all_reduce(counts)
+        longest = int(counts.max())
+        table = torch.zeros(len(self.src.replica), max(longest, 1), dtype=torch.int64, device=self.device)
+        table[self.rank, :widths_N.numel()] = widths_N.to(torch.int64)
+        dist.all_reduce(table)
+        widths = []
+        for replica in range(self.src.num_replicas):
+            ranks = self.src.ranks(replica)
+            rows = {tuple(table[r, :int(counts[r])].tolist()) for r in ranks}
+            if len(rows) != 1:
+                raise ValueError(f"rows differ between the ranks {ranks} of source replica {replica}: every rank "
+                                 f"of a replica must hold the same rows")
+            widths.append(rows.pop())
+        flat = [w for ws in widths for w in ws]
+        return ExchangePlan(widths=tuple(widths), cuts=balanced_cuts(flat, self.dst.num_replicas))
+
+    # ------------------------------------------------------------------ the two directions
+
+    def to_dst(self, plan: ExchangePlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Source rows ``[N, S, ...]`` -> this rank's destination replica's rows ``[M, max W, ...]`` (zeros
+        past each row's width)."""
+        messages = []
+        for dst_rank in range(len(self.dst.replica)):
+            mine = plan.dst_rows(self.dst.replica[dst_rank])
+            for replica in range(self.src.num_replicas):
+                rows = _overlap(plan.src_rows(replica), mine)
+                ranks = self.src.ranks(replica)
+                if len(rows):
+                    messages.append((ranks[dst_rank % len(ranks)], dst_rank, rows))
+        my_rows = plan.dst_rows(self.dst.replica[self.rank])
+        own_rows = plan.src_rows(self.src.replica[self.rank])
+        return self._run(plan, tensors, messages, out_rows=my_rows, in_rows=own_rows)
+
+    def to_src(self, plan: ExchangePlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Destination rows ``[M, >= max W, ...]`` (on its last stage) -> this source replica's rows
+        ``[N, max W, ...]`` on its last-stage ranks; None on other ranks."""
+        messages = []
+        for src_rank in range(len(self.src.replica)):
+            if not self.src.last_stage[src_rank]:
+                continue
+            mine = plan.src_rows(self.src.replica[src_rank])
+            for replica in range(self.dst.num_replicas):
+                rows = _overlap(plan.dst_rows(replica), mine)
+                ranks = self.dst.last_ranks(replica)
+                if len(rows):
+                    messages.append((ranks[src_rank % len(ranks)], src_rank, rows))
+        my_rows = plan.src_rows(self.src.replica[self.rank])
+        own_rows = plan.dst_rows(self.dst.replica[self.rank])
+        out = self._run(plan, tensors, messages, out_rows=my_rows, in_rows=own_rows)
+        return out if self.src.last_stage[self.rank] else None
+
+    # ------------------------------------------------------------------ transport
+
+    def _run(self, plan: ExchangePlan, tensors: dict[str, torch.Tensor], messages: list, *, out_rows: range,
+             in_rows: range) -> dict[str, torch.Tensor]:
+        """Send ``messages`` ``(sender, receiver, global rows)``: ``tensors`` hold the rows ``in_rows`` (this
+        rank's, when it sends); the result holds ``out_rows``, each row's first ``width`` columns filled."""
+        widths = plan.all_widths
+        width = max((widths[r] for r in out_rows), default=1)
+        out = {}
+        for name, t in tensors.items():
+            out[name] = torch.zeros((len(out_rows), width, *t.shape[2:]), dtype=t.dtype)
+        ops, pending = [], []
+        for sender, receiver, rows in messages:
+            if self.rank not in (sender, receiver):
+                continue
+            for name, t in tensors.items():
+                tail = tuple(t.shape[2:])
+                if sender == self.rank:
+                    payload = torch.cat([t[r - in_rows.start, :widths[r]].reshape(-1) for r in rows])
+                    payload = payload.to(self.device)
+                    if receiver == self.rank:
+                        pending.append((name, rows, tail, payload))
+                        continue
+                    ops.append(dist.P2POp(dist.isend, payload, receiver))
+                else:
+                    size = sum(widths[r] for r in rows) * _numel(tail)
+                    buf = torch.empty(size, dtype=t.dtype, device=self.device)
+                    ops.append(dist.P2POp(dist.irecv, buf, sender))
+                    pending.append((name, rows, tail, buf))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        for name, rows, tail, flat in pending:
+            flat, offset = flat.cpu(), 0
+            for r in rows:
+                n = widths[r] * _numel(tail)
+                out[name][r - out_rows.start, :widths[r]] = flat[offset:offset + n].view(widths[r], *tail)
+                offset += n
+        return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
