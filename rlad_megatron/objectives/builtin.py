@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from rlad_megatron.losses.trrd import ppo_surrogate, selective_gate, teacher_log_ratio, token_mean
 from rlad_megatron.losses.topk import vocab_parallel_topk_forward_kl
+from rlad_megatron.losses.trrd import ppo_surrogate, selective_gate, teacher_log_ratio, token_mean
 from rlad_megatron.losses.vocab_parallel import vocab_parallel_forward_kl
 from rlad_megatron.objectives.base import LossInputs, Objective, Tokens
 from rlad_megatron.objectives.registry import register
