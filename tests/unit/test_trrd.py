@@ -237,13 +237,23 @@ def test_micro_batches_sum_to_mini_batch(agg):
     torch.testing.assert_close(_grad(total, x["lp_s"]), g_full, rtol=1e-13, atol=1e-13)
 
 
-def test_forward_kl_objective_single_rank():
+@pytest.mark.parametrize("topk", [0, 11, 64])
+def test_forward_kl_objective_single_rank(topk):
+    """The teacher's whole logits (teacher_topk=0) and its top-k with k >= the vocabulary give the
+    full-vocabulary KL."""
+    from rlad_megatron.losses import vocab_parallel_topk_logprobs
+
     v, vocab = 13, 11  # two padded columns
     s_logits = torch.randn(B, S, v, dtype=torch.float32, requires_grad=True)
     t_logits = torch.randn(B, S, v, dtype=torch.float32)
     x = _inputs()
-    cfg = DistillConfig(objective="forward_kl")
-    loss, metrics = objective_loss(cfg=cfg, student_logits=s_logits, teacher_logits=t_logits, vocab_size=vocab,
+    cfg = DistillConfig(objective="forward_kl", teacher_topk=topk)
+    teacher = dict(teacher_logits=t_logits)
+    if topk:
+        ids, lp = vocab_parallel_topk_logprobs(t_logits, topk, tp_group=None, vocab_size=vocab)
+        assert ids.shape == (B, S, vocab)  # k clipped to the vocabulary
+        teacher = dict(teacher_topk_ids=ids.to(torch.int32), teacher_topk_lp=lp)
+    loss, metrics = objective_loss(cfg=cfg, student_logits=s_logits, vocab_size=vocab, **teacher,
                                    **{k: (v_.float() if v_.is_floating_point() else v_) for k, v_ in x.items()})
     s64 = s_logits.detach().double().requires_grad_()
     ls = torch.log_softmax(s64[..., :vocab], -1)
