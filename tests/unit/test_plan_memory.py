@@ -46,10 +46,15 @@ def _section(tp=1, pp=1, **model) -> ModelSection:
                         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
 
 
-def _config(section: ModelSection, *, objective="rlad", beta=0.0, **rl) -> Config:
+def _config(section: ModelSection, *, objective="rlad", beta=0.0, teacher_topk=None, teacher=None, **rl) -> Config:
+    # teacher_topk None: 0 when the teacher shares the student's section (forward_kl keeps the full logits
+    # shard, the numbers before top-k), else the default 64; the top-k signal is tested with it set.
+    if teacher_topk is None:
+        teacher_topk = 0 if teacher is None else DistillConfig().teacher_topk
     rl_cfg = RLConfig(**{**dict(prompts_per_step=4, group_size=4, max_new_tokens=32, mini_batch_size=16,
                                 micro_batch_size=4), **rl})
-    return Config(student=section, teacher=section, rl=rl_cfg, distill=DistillConfig(objective=objective, beta=beta),
+    return Config(student=section, teacher=teacher or section, rl=rl_cfg,
+                  distill=DistillConfig(objective=objective, beta=beta, teacher_topk=teacher_topk),
                   data=DataConfig(max_prompt_length=128)).validate()
 
 
@@ -224,3 +229,109 @@ def test_cli_docstring_example_fits_a_70b_teacher_in_80_gib(capsys):
 def test_format_plan_lists_every_stage():
     text = format_plan(plan_memory(_config(_section(1, 2))), gpu_memory_gib=None)
     assert "stage 0" in text and "stage 1" in text and "fits" not in text
+
+
+# ---------------------------------------------------------------- the teacher at its own layout
+
+
+def _teacher(tp=1, pp=1, *, offload=False) -> ModelSection:
+    """A larger teacher (4 layers, hidden 128), its own TP x PP, same true vocabulary (30)."""
+    section = _section(tp, pp, num_layers=4, hidden_size=128, ffn_hidden_size=256)
+    return dataclasses.replace(section, offload=offload)
+
+
+ROWS, SEQ = 4 * 4 // 2, 128 + 32  # rows per student replica at DP=2, prompt + new tokens
+
+
+def test_teacher_at_its_own_tp_and_pp():
+    student = _section(1, 2)  # world = 1 x 2 x DP 2 = 4 GPUs
+    layer = dict(seq=SEQ, micro_batch=4, sequence_parallel=False, flash_attention=False)
+    # TP=2 x PP=1 (DP_t=2): one teacher stage, on every GPU; padded vocab 32 at TP=2 -> shard 16.
+    teacher = _teacher(2, 1)
+    plan = plan_memory(_config(student, teacher=teacher), dp=2)
+    assert plan.teacher == (2, 1, 2) and not plan.paired and set(plan.params["teacher"]) == {0}
+    count = param_counts(teacher)[0]
+    for s in plan.stages:
+        assert s.bytes["teacher_weights"] == 4 * count.total
+        assert s.bytes["scoring_activations"] == activation_bytes_per_layer(teacher.model, tp=2, **layer)
+        assert s.bytes["scoring_logits"] == 4 * SEQ * 16 * 4  # the teacher's last stage may be on any GPU
+    # Both at PP=2 (teacher TP=2): stage r of each on the same GPUs, exact per stage.
+    teacher = _teacher(2, 2)
+    paired = plan_memory(_config(student, teacher=teacher), dp=2)
+    assert paired.paired and paired.teacher == (2, 2, 1)
+    counts = param_counts(teacher)
+    assert [s.bytes["teacher_weights"] for s in paired.stages] == [4 * counts[r].total for r in (0, 1)]
+    assert [s.bytes["scoring_logits"] for s in paired.stages] == [0, 4 * SEQ * 16 * 4]
+    # PP=4 vs the student's 2: every column takes the teacher's largest stage, component by component.
+    teacher = _teacher(1, 4)
+    bound = plan_memory(_config(student, teacher=teacher), dp=2)
+    biggest = max(c.total for c in param_counts(teacher).values())
+    assert not bound.paired and all(s.bytes["teacher_weights"] == 4 * biggest for s in bound.stages)
+    assert all(s.bytes["scoring_logits"] == 4 * SEQ * 32 * 4 for s in bound.stages)
+    text = format_plan(bound, gpu_memory_gib=80)
+    assert "teacher layout: TP=1 PP=4 DP=1" in text and "upper bound" in text
+
+
+def test_teacher_grid_must_divide_the_world():
+    with pytest.raises(ConfigError, match=r"^teacher\.parallel: .*divide the world size 2"):
+        plan_memory(_config(_section(1, 1), teacher=_teacher(1, 4)), dp=2)
+
+
+@pytest.mark.parametrize("tp_t,pp_t", [(1, 2), (2, 1), (1, 4)])
+def test_offload_moves_exactly_the_teacher_weights_out_of_the_persistent_bytes(tp_t, pp_t):
+    student = _section(1, 2)
+    kept = plan_memory(_config(student, teacher=_teacher(tp_t, pp_t)), dp=2)
+    moved = plan_memory(_config(student, teacher=_teacher(tp_t, pp_t, offload=True)), dp=2)
+    assert moved.offloaded == ("teacher",) and kept.offloaded == () and kept.host_bytes == 0
+    for a, b in zip(kept.stages, moved.stages):
+        w = a.bytes["teacher_weights"]
+        assert w > 0 and b.bytes["teacher_weights"] == 0
+        assert a.persistent - b.persistent == w == b.bytes["offloaded_weights"] == b.host
+        assert b.phase("scoring") == a.phase("scoring") + w  # on the GPU only while scoring
+        assert b.phase("rollout") == a.phase("rollout") and b.phase("training") == a.phase("training")
+    assert moved.host_bytes == max(s.bytes["teacher_weights"] for s in kept.stages)
+    assert "host: " in format_plan(moved) and "host" not in format_plan(kept)
+
+
+def test_reference_offload():
+    student = _section(1, 2)
+    cfg = _config(student, beta=0.1)
+    kept, moved = plan_memory(cfg), plan_memory(dataclasses.replace(
+        cfg, distill=dataclasses.replace(cfg.distill, reference_offload=True)))
+    assert moved.offloaded == ("reference",)
+    for a, b in zip(kept.stages, moved.stages):
+        assert a.persistent - b.persistent == a.bytes["reference_weights"] == b.host == b.bytes["offloaded_weights"]
+
+
+@pytest.mark.parametrize("teacher", [None, _teacher(2, 1)], ids=["shared-layout", "own-layout"])
+def test_topk_signal_is_rows_x_seq_x_k_x_8(teacher):
+    student = _section(1, 2)
+    plan = plan_memory(_config(student, objective="forward_kl", teacher_topk=16, teacher=teacher), dp=2)
+    first, last = plan.stages
+    # int32 ids + float32 log-probs of the top 16, every position of the replica's rollout, on the last stage.
+    assert last.bytes["teacher_logits_kept"] == ROWS * SEQ * 16 * 8 and first.bytes["teacher_logits_kept"] == 0
+    assert last.phase("scoring") - last.bytes["teacher_logits_kept"] == (last.bytes["offloaded_weights"]
+                                                                        + last.bytes["scoring_activations"]
+                                                                        + last.bytes["scoring_logits"])
+    # k past the vocabulary (30) is clipped to it.
+    clipped = plan_memory(_config(student, objective="forward_kl", teacher_topk=64, teacher=teacher), dp=2)
+    assert clipped.stages[-1].bytes["teacher_logits_kept"] == ROWS * SEQ * 30 * 8
+    # Objectives that use only the teacher's log-probs keep nothing.
+    rlad = plan_memory(_config(student, objective="rlad", teacher_topk=16, teacher=teacher), dp=2)
+    assert all(s.bytes["teacher_logits_kept"] == 0 for s in rlad.stages)
+
+
+def test_token_budget_and_chunked_logits():
+    student = _section(1, 1)
+    base = plan_memory(_config(student, mini_batch_size=16, micro_batch_size=4))
+    # 480 tokens at width 160: 3 full rows (the budget's worst case), logits 64 positions at a time per row.
+    budget = plan_memory(_config(student, mini_batch_size=16, micro_batch_size=4, max_tokens_per_micro_batch=480,
+                                 logprob_chunk_size=64))
+    (s0,), (s1,) = base.stages, budget.stages
+    per_row = activation_bytes_per_layer(student.model, tp=1, seq=SEQ, micro_batch=1, sequence_parallel=False,
+                                         flash_attention=False)
+    assert s0.bytes["activations"] == 2 * 4 * per_row and s1.bytes["activations"] == 2 * 3 * per_row
+    assert s1.bytes["logits"] == 2 * 3 * 64 * 32 * 4 and s1.bytes["scoring_logits"] == 3 * 64 * 32 * 4
+    # Bounded rollout rows bound the KV cache (8 of 16 rows at once).
+    pool = plan_memory(_config(student, max_rollout_rows=8))
+    assert pool.stages[0].bytes["kv_cache"] == base.stages[0].bytes["kv_cache"] // 2
