@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 14 in one run (< 8 minutes on one H100/H200), numbers in one file.
+# Every GPU measurement of issues 14 and 12 in one run (< 8 minutes on one H100/H200), numbers in one file.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh            # writes $OUT/gpu_suite.txt
 #
@@ -8,6 +8,8 @@
 #    graphed, new tokens/s, ms per decode step, roofline fraction, and the bf16 log-prob mismatch
 #    of the sampler vs a training forward (eager and graphed).
 # 3. The same model with lognormal EOS lengths (--long-tail): decode steps and time, pool vs one batch.
+# 4. Issue 12: a ~0.8B teacher (the 853M shape) beside a small student on one GPU, bf16: the teacher
+#    phase, the offload copy time and their share of the step, teacher.offload off vs on.
 # Each step has its own timeout and its exit status is recorded; a failed step does not stop the rest.
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
@@ -40,4 +42,14 @@ step bench_853m 210 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-row
 # shellcheck disable=SC2086
 step bench_853m_long_tail 150 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-rows 16 --prompt-len 128 \
   --new-tokens 256 --long-tail
+TEACHER="--teacher.model.num_layers=16 --teacher.model.hidden_size=2048 --teacher.model.num_attention_heads=16 \
+  --teacher.model.num_query_groups=4 --teacher.model.ffn_hidden_size=5632 --teacher.model.params_dtype=bfloat16 \
+  --teacher.model.max_position_embeddings=512 --teacher.parallel.tensor_model_parallel_size=1"
+STUDENT="--student.model.num_layers=4 --student.model.hidden_size=1024 --student.model.num_attention_heads=8 \
+  --student.model.num_query_groups=4 --student.model.ffn_hidden_size=2816 --student.model.params_dtype=bfloat16 \
+  --student.model.max_position_embeddings=512 --student.parallel.tensor_model_parallel_size=1"
+# shellcheck disable=SC2086
+step teacher_phase 100 $PY benchmarks/bench_teacher_phase.py --config launch/configs/tiny_cpu.yaml --steps 4 \
+  --student.load=null --teacher.load=null --train.device=cuda $TEACHER $STUDENT --rl.prompts_per_step=16 \
+  --rl.group_size=8 --rl.max_new_tokens=256 --rl.mini_batch_size=64 --rl.micro_batch_size=16
 echo "done: $REPORT"

@@ -22,7 +22,7 @@ def train_run(rank, world_size, overrides, resume):
     the newest checkpoint when ``resume``); returns the start step and whether the student moved."""
     import torch
 
-    from rlad_megatron.config import load_config
+    from rlad_megatron.config import load_config, same_layout
     from rlad_megatron.distributed.init import init_distributed
     from rlad_megatron.models.weights import model_state_dict
     from rlad_megatron.trainer import Trainer
@@ -30,6 +30,9 @@ def train_run(rank, world_size, overrides, resume):
     cfg = load_config(ROOT / "launch" / "configs" / "tiny_cpu.yaml",
                       overrides + [f"--checkpoint.resume={'true' if resume else 'false'}"])
     trainer = Trainer(cfg, init_distributed("cpu"))
+    if trainer.teacher is not None and same_layout(cfg.student, cfg.teacher):
+        # One layout: the teacher shares the student's groups (the path before teacher.parallel existed).
+        assert trainer.teacher.groups is trainer.groups
     before = model_state_dict(trainer.student.policy)
     start = trainer.step
     trainer.train()

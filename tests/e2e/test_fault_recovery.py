@@ -7,6 +7,8 @@
     equal those of an uninterrupted run bit for bit.
 (b) ``torchrun --nproc-per-node 2 --max-restarts 1``: rank 1 is SIGKILLed in the middle of a
     training step; torchrun restarts both ranks, which resume from the last checkpoint and finish.
+(c) The same with the teacher on its own layout (student TP=1 x DP=2, teacher TP=2), rank 1 killed
+    while the teacher scores; the finished run's metrics equal an uninterrupted run's bit for bit.
 
 The kills are injected by running THIS file as the entry point: ``__main__`` below wraps the
 checkpointing/trainer functions named by ``RLAD_TEST_KILL=<point>@<step>`` so that the process
@@ -32,7 +34,8 @@ RUN_TIMEOUT_S = 300
 # Metrics that are pure functions of the model, data and RNG state (timings are not).
 EXACT = ("loss", "reward_mean", "accuracy", "ratio_mean", "entropy", "kl_teacher_k3", "grad_norm",
          "response_length", "teacher_logratio_mean")
-KILL_POINTS = ("tmp_dir_created", "tensors_written", "before_publish", "after_rename", "before_prune", "update")
+KILL_POINTS = ("tmp_dir_created", "tensors_written", "before_publish", "after_rename", "before_prune", "update",
+               "teacher_scoring")
 
 
 # ---------------------------------------------------------------- fault injection (entry point side)
@@ -42,6 +45,7 @@ def _install_kill(spec: str) -> None:
     """Wrap library functions so this process SIGKILLs itself at ``<point>@<step>``."""
     import megatron.core.dist_checkpointing as dcp
 
+    import rlad_megatron.rl.scorer as scorer_mod
     import rlad_megatron.rl.train_module as train_module
     import rlad_megatron.trainer as trainer_mod
     from rlad_megatron.checkpointing import files
@@ -94,6 +98,7 @@ def _install_kill(spec: str) -> None:
     trainer_mod.Trainer.train_step = tracking_train_step
     module = train_module.StudentTrainModule
     module.train_mini_batch = before(module.train_mini_batch, "update")
+    scorer_mod.Scorer.teacher_signal = before(scorer_mod.Scorer.teacher_signal, "teacher_scoring")
     files.prepare_tmp_dir = after(files.prepare_tmp_dir, "tmp_dir_created")
     dcp.save = after(dcp.save, "tensors_written")
     files.publish = before(files.publish, "before_publish")
@@ -105,10 +110,11 @@ def _install_kill(spec: str) -> None:
 # ---------------------------------------------------------------- test side
 
 
-def _overrides(tmp: Path, run: str, *, tp: int) -> list[str]:
+def _overrides(tmp: Path, run: str, *, tp: int, teacher_tp: int | None = None) -> list[str]:
     return [
         "--student.load=null", "--teacher.load=null", "--teacher.model.num_layers=2",
-        f"--student.parallel.tensor_model_parallel_size={tp}", f"--teacher.parallel.tensor_model_parallel_size={tp}",
+        f"--student.parallel.tensor_model_parallel_size={tp}",
+        f"--teacher.parallel.tensor_model_parallel_size={teacher_tp or tp}",
         f"--data.train_path={tmp / 'easy.jsonl'}", "--data.eval_path=null", "--train.eval_interval=0",
         "--rl.prompts_per_step=4", "--rl.group_size=4", "--rl.mini_batch_size=8", "--rl.micro_batch_size=4",
         "--rl.max_new_tokens=3", "--optimizer.lr=1e-2", "--optimizer.warmup_steps=0", "--logging.progress_bar=false",
@@ -162,8 +168,9 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, proc.log.read_text()
 
 
-def _train_cmd(tmp: Path, run: str, *, tp: int = 1) -> list[str]:
-    return [sys.executable, str(Path(__file__)), "--config", str(TINY), "--resume", *_overrides(tmp, run, tp=tp)]
+def _train_cmd(tmp: Path, run: str, *, tp: int = 1, teacher_tp: int | None = None) -> list[str]:
+    return [sys.executable, str(Path(__file__)), "--config", str(TINY), "--resume",
+            *_overrides(tmp, run, tp=tp, teacher_tp=teacher_tp)]
 
 
 def _metrics(run_dir: Path) -> dict[int, list[dict]]:
@@ -273,6 +280,31 @@ def test_torchrun_restarts_after_a_rank_is_killed(tmp_path, easy_task):
     names, latest = _checkpoint_dir_state(tmp_path / "ckpt")
     assert latest == f"step_{STEPS:07d}" and not [n for n in names if n.startswith("tmp.")], names
     assert time.time() - started < RUN_TIMEOUT_S
+
+
+def test_torchrun_restarts_after_a_rank_dies_in_separate_layout_teacher_scoring(tmp_path, easy_task):
+    kill_step = 3
+    runs = {}
+    for name, kill in (("killed", f"teacher_scoring@{kill_step}"), ("reference", None)):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        easy_task(tmp)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", "1", "--monitor-interval", "0.5",
+               *_train_cmd(tmp, "run", tp=1, teacher_tp=2)[1:]]
+        # The standalone rendezvous picks a free port, so the uninterrupted reference runs alongside.
+        runs[name] = _start(cmd, _env(kill=kill, kill_rank=1 if kill else None), tmp / "torchrun.log")
+    results = {name: _finish(proc) for name, proc in runs.items()}
+    for name, (rc, out) in results.items():
+        assert rc == 0, (name, out[-4000:])
+    out = results["killed"][1]
+    assert f"FAULT: SIGKILL rank 1 at teacher_scoring@{kill_step}" in out, out[-4000:]
+    assert re.search(rf"resumed from \S+step_{kill_step - 1:07d} at step {kill_step - 1}", out), out[-4000:]
+    killed, ref = _metrics(tmp_path / "killed" / "run"), _metrics(tmp_path / "reference" / "run")
+    assert sorted(killed) == sorted(ref) == list(range(1, STEPS + 1))
+    for step, rows in killed.items():
+        assert len(rows) == 1, f"step {step} was logged twice"
+        _assert_same(step, rows[0], ref[step][0], "killed run")
 
 
 if __name__ == "__main__":

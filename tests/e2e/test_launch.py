@@ -196,7 +196,7 @@ def _wait_for_job(job_id: str, *, env: dict[str, str], timeout: float) -> tuple[
     raise TimeoutError(f"Slurm job {job_id} did not finish within {timeout:.0f} s")
 
 
-def test_slurm_sbatch_two_nodes(slurm_cluster, entry, tmp_path):
+def _sbatch_two_nodes(slurm_cluster, entry: Entry, tmp_path: Path) -> None:
     env = {**slurm_cluster, "PYTHON": sys.executable, "CONFIG": entry.config, "ENTRY": entry.entry,
            "RDZV_PORT": str(free_port()), "LOG_ROOT": str(tmp_path / "logs")}
     submit = _run(["sbatch", "--parsable", "--nodes=2", "--job-name=rladtest", f"--output={tmp_path}/slurm-%j.out",
@@ -214,6 +214,24 @@ def test_slurm_sbatch_two_nodes(slurm_cluster, entry, tmp_path):
     assert [p.name for p in node_logs] == ["node0.log", "node1.log"], "expected one log per node in the job's log dir"
     assert f"job {job_id} finished with exit code 0" in batch_out, batch_out
     entry.check(output, world=2)
+
+
+def test_slurm_sbatch_two_nodes(slurm_cluster, entry, tmp_path):
+    _sbatch_two_nodes(slurm_cluster, entry, tmp_path)
+
+
+def test_slurm_two_nodes_teacher_on_its_own_layout(slurm_cluster, trainer_reason, tmp_path):
+    """The student at TP=1 x DP=2 (one rank per node) and the teacher at TP=2 across both nodes."""
+    if trainer_reason is not None:
+        pytest.skip(trainer_reason)
+    run_dir = tmp_path / "run"
+    layout = ("--student.parallel.tensor_model_parallel_size=1", "--teacher.parallel.tensor_model_parallel_size=2")
+    entry = Entry("trainer", "-m rlad_megatron.train", str(TINY_CONFIG.relative_to(REPO)),
+                  (*TRAINER_OVERRIDES, *layout, f"--logging.run_dir={run_dir}",
+                   f"--checkpoint.save_dir={run_dir / 'ckpt'}"), run_dir)
+    _sbatch_two_nodes(slurm_cluster, entry, tmp_path)
+    saved = (run_dir / "config.yaml").read_text()
+    assert "tensor_model_parallel_size: 1" in saved and "tensor_model_parallel_size: 2" in saved
 
 
 # -------------------------------------------------------------------------------- network namespaces

@@ -6,6 +6,7 @@ teacher's top-k distribution crossing layouts, its signal O(N x S x k).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.harness import run_distributed
@@ -79,9 +80,14 @@ def test_separate_layout_trains_resumes_and_offloads(tmp_path, rl_overrides):
 
 
 def test_forward_kl_topk_crosses_layouts(tmp_path, rl_overrides):
+    """Also evaluates both models before training: the teacher generates on its own layout."""
     k = 8
+    evals = [f"--data.eval_path={tmp_path / 'easy.jsonl'}", "--train.eval_interval=4", "--train.eval_samples=8"]
     results = run_distributed(_train, 4, args=(_overrides(rl_overrides, tmp_path, "fkl", "forward_kl",
-                                                          f"--distill.teacher_topk={k}"), False))
+                                                          f"--distill.teacher_topk={k}", *evals), False))
+    rows = [json.loads(line) for line in (tmp_path / "fkl" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["step"] == 0)
+    assert 0.0 <= first["eval/teacher_accuracy"] <= 1.0 and "eval/student_accuracy" in first
     losses = read_losses(tmp_path / "fkl")
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(v > 0 for v in losses.values())
     for r in results:  # PP=1 student: every rank is a last stage and holds its rows' signal

@@ -88,3 +88,34 @@ def test_print_config_tool(tmp_path):
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "student.model.hidden_sise: unknown key" in lines[0]
+
+
+@pytest.mark.parametrize("overrides,world,needle", [
+    (["--teacher.parallel.pipeline_model_parallel_size=4", "--teacher.model.num_layers=4"], 2,
+     "teacher.parallel: expected tensor_model_parallel_size x pipeline_model_parallel_size = 4 to divide the "
+     "world size 2"),
+    (["--student.parallel.tensor_model_parallel_size=2"], 3, "student.parallel: expected"),
+])
+def test_layouts_that_do_not_divide_the_world_name_the_section(overrides, world, needle):
+    from rlad_megatron.config import check_world
+
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError) as info:
+        check_world(cfg, world)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_teacher_layout_is_independent_of_the_students():
+    from rlad_megatron.config import check_world, same_layout
+
+    cfg = load_config(None, ["--student.parallel.tensor_model_parallel_size=1",
+                             "--teacher.parallel.tensor_model_parallel_size=2",
+                             "--teacher.parallel.pipeline_model_parallel_size=1"])
+    assert not same_layout(cfg.student, cfg.teacher)
+    check_world(cfg, 4)
+    # Each pads for its own TP: 200 -> 256 at TP=1, 384 at TP=2 (multiples of 128 x TP); config accepts it.
+    cfg = load_config(None, ["--student.model.vocab_size=200", "--teacher.model.vocab_size=200",
+                             "--student.model.make_vocab_size_divisible_by=128",
+                             "--teacher.model.make_vocab_size_divisible_by=192",
+                             "--teacher.parallel.tensor_model_parallel_size=2"])
+    assert (cfg.student.padded_vocab_size, cfg.teacher.padded_vocab_size) == (256, 384)
