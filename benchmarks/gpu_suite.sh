@@ -9,7 +9,8 @@
 #    of the sampler vs a training forward (eager and graphed).
 # 3. The same model with lognormal EOS lengths (--long-tail): decode steps and time, pool vs one batch.
 # 4. Issue 12: a ~0.8B teacher (the 853M shape) beside a small student on one GPU, bf16: the teacher
-#    phase, the offload copy time and their share of the step, teacher.offload off vs on.
+#    phase, the offload copy time and their share of the step, teacher.offload off vs on (kdrl: its loss is
+#    non-zero even when a random student earns no reward, so the bitwise-identity check bites).
 # Each step has its own timeout and its exit status is recorded; a failed step does not stop the rest.
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
@@ -51,5 +52,5 @@ STUDENT="--student.model.num_layers=4 --student.model.hidden_size=1024 --student
 # shellcheck disable=SC2086
 step teacher_phase 100 $PY benchmarks/bench_teacher_phase.py --config launch/configs/tiny_cpu.yaml --steps 4 \
   --student.load=null --teacher.load=null --train.device=cuda $TEACHER $STUDENT --rl.prompts_per_step=16 \
-  --rl.group_size=8 --rl.max_new_tokens=256 --rl.mini_batch_size=64 --rl.micro_batch_size=16
+  --rl.group_size=8 --rl.max_new_tokens=256 --rl.mini_batch_size=64 --rl.micro_batch_size=16 --distill.objective=kdrl
 echo "done: $REPORT"

@@ -56,6 +56,12 @@ class LayoutScorer:
 
     def __init__(self, scorer: Scorer, *, student_groups: ParallelGroups, pad_id: int, device: torch.device):
         self.scorer, self.student_groups, self.pad_id = scorer, student_groups, pad_id
+        # Expert-parallel ranks of different teacher replicas all-gather tokens inside every MoE layer,
+        # so every teacher replica must run the same micro-batch shapes: equal row counts and width,
+        # fixed micro-batches (a token-budget plan would follow each replica's own lengths).
+        self.uniform = scorer.groups.ep_size > 1
+        if self.uniform:
+            scorer.max_tokens_per_micro_batch = 0
         self.exchange = RowExchange(src=layout_ranks(student_groups, device), dst=layout_ranks(scorer.groups, device),
                                     device=device)
 
@@ -99,7 +105,10 @@ class LayoutScorer:
         mine = [plan.all_widths[r] for r in plan.dst_rows(self.scorer.groups.dp_rank)]
         tokens = torch.where(cols < torch.tensor(mine, dtype=torch.int64).unsqueeze(1), tokens,
                              torch.full_like(tokens, self.pad_id)) if mine else tokens
-        rows = _Rows(tokens_NS=tokens, targets_NS=shift_left(tokens, self.pad_id), mask_NS=got["mask"].to(torch.bool))
+        mask = got["mask"].to(torch.bool)
+        if self.uniform:
+            tokens, mask = self._pad_to_uniform(plan, tokens, mask)
+        rows = _Rows(tokens_NS=tokens, targets_NS=shift_left(tokens, self.pad_id), mask_NS=mask)
         signal = self.scorer.teacher_signal(rows, topk=topk)
         out = {"lp": signal.lp_NS}
         if topk:
@@ -115,6 +124,18 @@ class LayoutScorer:
             return TeacherSignal()
         return TeacherSignal(lp_NS=_widen(back["lp"], s), topk_ids_NSK=_widen(back.get("ids"), s),
                              topk_lp_NSK=_widen(back.get("topk_lp"), s))
+
+
+    def _pad_to_uniform(self, plan, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's rows padded with empty rows (all padding, nothing counted) to the largest slice's
+        row count and the widest row; the results of padding rows are never sent back."""
+        rows = max(b - a for a, b in zip(plan.cuts, plan.cuts[1:]))
+        width = max(plan.all_widths, default=1)
+        out_tokens = torch.full((rows, width), self.pad_id, dtype=tokens.dtype)
+        out_mask = torch.zeros((rows, width), dtype=torch.bool)
+        out_tokens[:tokens.shape[0], :tokens.shape[1]] = tokens
+        out_mask[:mask.shape[0], :mask.shape[1]] = mask
+        return out_tokens, out_mask
 
 
 def _widen(x: torch.Tensor | None, width: int) -> torch.Tensor | None:

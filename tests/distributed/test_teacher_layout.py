@@ -3,7 +3,8 @@ log-probs (and top-k) equal the same teacher's at TP=1 on one rank (fp32, 1e-5).
 
 One 4-rank spawn covers the student at TP=1 x DP=4 and at TP=2 x DP=2 against the teacher at
 TP=2 x PP=2, at TP=4 and at TP=1 x DP=4. Every student replica holds a different, shuffled number
-of rows of random lengths, some with an empty response.
+of rows of random lengths, some with an empty response. A Mixtral teacher at EP 2/4 (with TP=2 or
+PP=2) against the same teacher at TP=1 x EP=1.
 """
 
 from __future__ import annotations
@@ -134,3 +135,47 @@ def test_teacher_on_its_own_layout(tmp_path):
                 mark = 1 + owner[offsets[rep] + i]
                 assert bool((row[:w] == torch.tensor([rep, i]) * mark).all()), case
                 assert bool((row[w:] == 0).all())
+
+
+MOE_LAYOUTS = [(1, 1, 2), (2, 1, 2), (1, 2, 2), (1, 1, 4)]  # (TP, PP, EP) of a Mixtral teacher
+
+
+def _run_moe(rank, world_size, hf_dir):
+    from rlad_megatron.config import ModelSection, ParallelConfig
+    from rlad_megatron.distributed import initialize_model_parallel
+    from rlad_megatron.distributed.groups import build_layout_groups
+    from rlad_megatron.hf.checkpoint import read_checkpoint_config
+    from rlad_megatron.models.forward import shift_left
+    from rlad_megatron.rl.scorer import Scorer
+    from rlad_megatron.rl.teacher_layout import LayoutScorer, _Rows
+
+    device = torch.device("cpu")
+    model_cfg = read_checkpoint_config(hf_dir)
+
+    def section(tp, pp, ep):
+        return ModelSection(model=model_cfg, load=str(hf_dir), parallel=ParallelConfig(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep))
+
+    g = initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=1)
+    tokens, mask = _replica_rows(g.dp_rank, g.dp_size, model_cfg.vocab_size, 0)
+    rows = _Rows(tokens_NS=tokens, targets_NS=shift_left(tokens, 0), mask_NS=mask)
+    one = build_layout_groups(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    ref = Scorer.build(section(1, 1, 1), one, vocab_size=model_cfg.vocab_size, micro_batch_size=2, device=device)
+    out = {"mask": mask, "ref": ref.teacher_signal(rows).lp_NS}
+    for tp, pp, ep in MOE_LAYOUTS:
+        tg = build_layout_groups(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep)
+        teacher = LayoutScorer(Scorer.build(section(tp, pp, ep), tg, vocab_size=model_cfg.vocab_size,
+                                            micro_batch_size=2, device=device), student_groups=g, pad_id=0,
+                               device=device)
+        out[(tp, pp, ep)] = teacher.teacher_signal(rows).lp_NS
+    return out
+
+
+def test_moe_teacher_on_its_own_expert_layout(tmp_path):
+    """Expert-parallel teacher replicas score slices of different sizes: they are padded to one shape."""
+    hf_dir = save_tiny_hf(tmp_path / "teacher", "mixtral", config={"num_key_value_heads": 4})
+    for r in run_distributed(_run_moe, world_size=4, args=(hf_dir,)):
+        m = r["mask"]
+        for layout in MOE_LAYOUTS:
+            torch.testing.assert_close(r[layout][m], r["ref"][m], rtol=1e-5, atol=1e-5, msg=str(layout))
