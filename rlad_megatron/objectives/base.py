@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from rlad_megatron.config import DistillConfig
 
 
+# Full teacher logits (distill.teacher_topk: 0) are for small vocabularies only.
+FULL_LOGITS_MAX_VOCAB = 65536
+
+
 @dataclass
 class LossInputs:
     """One micro-batch's per-token tensors, all ``[B, S]`` unless noted.
@@ -80,6 +84,10 @@ class Objective:
     def __init__(self, cfg: DistillConfig, *, tp_group: Optional[dist.ProcessGroup] = None,
                  vocab_size: Optional[int] = None):
         self.cfg, self.tp_group, self.vocab_size = cfg, tp_group, vocab_size
+        if self.keeps_teacher_logits and vocab_size and vocab_size > FULL_LOGITS_MAX_VOCAB:
+            raise ValueError(f"distill.teacher_topk: expected >= 1 for a vocabulary of {vocab_size} (> "
+                             f"{FULL_LOGITS_MAX_VOCAB}: the rollout's full teacher logits would take N x S x V/TP "
+                             f"floats), got 0")
 
     @property
     def needs_teacher(self) -> bool:

@@ -281,3 +281,12 @@ def test_user_errors_name_the_field():
         objective_loss(cfg=dataclasses.replace(DistillConfig(), objective="ppo"), **x)
     with pytest.raises(ValueError, match="student_logits"):
         objective_loss(cfg=DistillConfig(objective="forward_kl"), **x)
+
+
+def test_full_teacher_logits_refused_for_a_large_vocabulary():
+    from rlad_megatron.objectives import build_objective
+
+    with pytest.raises(ValueError, match="distill.teacher_topk: expected >= 1 for a vocabulary of 151936"):
+        build_objective(DistillConfig(objective="forward_kl", teacher_topk=0), vocab_size=151936)
+    assert build_objective(DistillConfig(objective="forward_kl"), vocab_size=151936).teacher_topk == 64
+    assert build_objective(DistillConfig(objective="rlad", teacher_topk=0), vocab_size=151936).teacher_topk == 0
