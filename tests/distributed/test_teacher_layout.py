@@ -83,7 +83,13 @@ def _run(rank, world_size, hf_dir):
                                                 device=device),
                                    student_groups=g, pad_id=pad, device=device)
             signal = teacher.teacher_signal(rows, topk=TOPK)
+            # The long-sequence modes on the teacher's side: token-budget micro-batches and chunked logits.
+            teacher.scorer.max_tokens_per_micro_batch, teacher.scorer.logprob_chunk_size = 40, 5
+            budget = teacher.teacher_signal(rows, topk=TOPK)
             if g.is_last_stage:
+                for got, want in ((budget.lp_NS, signal.lp_NS), (budget.topk_lp_NSK, signal.topk_lp_NSK)):
+                    torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+                assert torch.equal(budget.topk_ids_NSK[mask], signal.topk_ids_NSK[mask])
                 out["scores"].append(dict(student=(s_tp, s_pp), teacher=(t_tp, t_pp), mask=mask, lp=signal.lp_NS,
                                           ref_lp=ref_signal.lp_NS, ids=signal.topk_ids_NSK,
                                           ref_ids=ref_signal.topk_ids_NSK, topk_lp=signal.topk_lp_NSK,

@@ -29,13 +29,15 @@ def _train(rank, world_size, overrides, resume):
     assert isinstance(trainer.teacher, LayoutScorer)
     assert trainer.teacher.groups.tp_size == 2 and trainer.teacher.groups.pp_size == 2
     offload = trainer.teacher.scorer.offload
+    ref_offload = trainer.reference.offload if trainer.reference is not None else None
     seen = {"device_bytes": [], "host_bytes": 0, "signal": []}
     module, update = trainer.student, trainer.student.train_mini_batch
 
     def watched(exp, index):
-        if offload is not None:
-            seen["device_bytes"].append(offload.device_bytes())
-            seen["host_bytes"] = sum(h.numel() * h.element_size() for h in offload.host)
+        for o in (offload, ref_offload):
+            if o is not None:
+                seen["device_bytes"].append(o.device_bytes())
+                seen["host_bytes"] += sum(h.numel() * h.element_size() for h in o.host)
         if exp.teacher_topk_ids_NSK is not None:
             seen["signal"].append(dict(shape=tuple(exp.teacher_topk_ids_NSK.shape), rows=len(exp),
                                        width=exp.tokens_NS.shape[1],
@@ -54,13 +56,15 @@ def _overrides(rl_overrides, tmp: Path, run: str, objective: str = "rlad", *extr
 
 
 def test_separate_layout_trains_resumes_and_offloads(tmp_path, rl_overrides):
-    full = _overrides(rl_overrides, tmp_path, "full")
+    # beta > 0: the reference model too (offloaded with distill.reference_offload below).
+    beta = "--distill.beta=0.05"
+    full = _overrides(rl_overrides, tmp_path, "full", "rlad", beta)
     run_distributed(_train, 4, args=(full, False))
     losses = read_losses(tmp_path / "full")
     assert sorted(losses) == list(range(1, STEPS + 1))
 
     drop_checkpoints_after(tmp_path / "ckpt", 2)
-    results = run_distributed(_train, 4, args=(_overrides(rl_overrides, tmp_path, "resumed"), True))
+    results = run_distributed(_train, 4, args=(_overrides(rl_overrides, tmp_path, "resumed", "rlad", beta), True))
     assert {r["start"] for r in results} == {2}
     resumed = read_losses(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4]
@@ -69,12 +73,14 @@ def test_separate_layout_trains_resumes_and_offloads(tmp_path, rl_overrides):
 
     off_tmp = tmp_path / "offload"
     off_tmp.mkdir()
-    results = run_distributed(_train, 4, args=(_overrides(rl_overrides, off_tmp, "run", "rlad",
-                                                           "--teacher.offload=true"), False))
+    results = run_distributed(_train, 4, args=(_overrides(rl_overrides, off_tmp, "run", "rlad", beta,
+                                                           "--teacher.offload=true",
+                                                           "--distill.reference_offload=true"), False))
     assert read_losses(off_tmp / "run") == losses
     for r in results:
         seen = r["seen"]
-        assert seen["device_bytes"] and set(seen["device_bytes"]) == {0}  # nothing of the teacher on the device
+        # Nothing of the teacher or the reference on the device during any update.
+        assert len(seen["device_bytes"]) == 2 * 2 * STEPS and set(seen["device_bytes"]) == {0}  # 2 updates a step
         assert seen["host_bytes"] > 0
         assert r["offload_s"] > 0
 
