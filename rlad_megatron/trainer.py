@@ -36,6 +36,7 @@ from rlad_megatron.metrics import (
 from rlad_megatron.models.builder import kernels_line
 from rlad_megatron.objectives import build_objective
 from rlad_megatron.rl.advantages import grpo_advantages
+from rlad_megatron.rl.dp_balance import DPBalancer
 from rlad_megatron.rl.experience import build_experience
 from rlad_megatron.rl.generator import Generator
 from rlad_megatron.rl.rewards import reward_batch
@@ -104,6 +105,14 @@ class Trainer:
                                    max_rows=rl.max_rollout_rows, cuda_graphs=rl.cuda_graphs)
         # The student's own forward over its rollout, before any update: the sampler/trainer mismatch.
         self.policy_scorer = Scorer(model=self.student.policy, groups=g, **scoring)
+        self.balancer = None
+        if rl.balance_dp_tokens and g.dp_size > 1:
+            if self.objective.keeps_teacher_logits:
+                raise ValueError("rl.balance_dp_tokens: expected false with the teacher's full logits "
+                                 "(distill.teacher_topk: 0), got true")
+            self.balancer = DPBalancer(g, self.device, teacher=self.objective.needs_teacher,
+                                       reference=self.objective.needs_reference, topk=self.objective.teacher_topk)
+            self.student.global_loss = True
         self.step = 0
         self.nonfinite_streak = 0
         self.writer = MetricsWriter(cfg.logging.run_dir, enabled=self.is_logger, tensorboard=cfg.logging.tensorboard,
@@ -200,12 +209,21 @@ class Trainer:
                     else dict.fromkeys(MISMATCH_KEYS, 0.0))
         t2 = time.perf_counter()
         # 4. Student updates, one optimizer step per mini-batch.
-        updates = [self.student.train_mini_batch(exp, rows) for rows in self.mini_batches(len(exp))]
+        updates, balance = [], []
+        for rows in self.mini_batches(len(exp)):
+            if self.balancer is not None:
+                part, stats = self.balancer.mini_batch(exp, rows)
+                updates.append(self.student.train_mini_batch(part, torch.arange(len(part))))
+                balance.append(stats)
+            else:
+                updates.append(self.student.train_mini_batch(exp, rows))
         t3 = time.perf_counter()
         # 5. Metrics.
         local = {k: sum(m[k] for m in updates) / len(updates) for k in UPDATE_METRICS}
         metrics = reduce_last_stage_metrics(local, UPDATE_METRICS, is_last_stage=g.is_last_stage, device=self.device)
         metrics["skipped_step"] = sum(m["skipped_step"] for m in updates)
+        for key in (balance[0] if balance else ()):  # the same on every rank: computed from the plan
+            metrics[key] = sum(b[key] for b in balance) / len(balance)
         rollout_stats = {
             "reward_mean": float(sum(rewards) / len(rewards)),
             "accuracy": float(sum(r >= 1.0 for r in rewards) / len(rewards)),

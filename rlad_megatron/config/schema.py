@@ -249,6 +249,9 @@ class RLConfig:
     # [B, S, V/TP] logits); 0 = materialised logits. Objectives that need the full student
     # logits (forward_kl) keep the materialised path.
     logprob_chunk_size: int = 0
+    # Spread each mini-batch's rows over the DP replicas by token count before the update (the
+    # mini-batch's objective is unchanged; rl/dp_balance.py); off: each replica trains its own rows.
+    balance_dp_tokens: bool = False
 
     def validate(self, name: str) -> None:
         if self.max_rollout_rows < 0:

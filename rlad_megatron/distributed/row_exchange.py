@@ -8,6 +8,7 @@
 
 Legend: N rows of this rank's student replica, S their padded width, M rows of this rank's teacher
 replica, W_i row i's width (the positions it needs), extra trailing dims (e.g. top-k) after them.
+A ``[N]`` tensor (one value per row, e.g. an advantage) travels as one value per row.
 
 Every rank of a student replica holds the same rows (the rollout is replicated inside a replica).
 The rows of all student replicas, in replica order, are cut into one contiguous slice per teacher
@@ -73,8 +74,9 @@ class ExchangePlan:
         return [w for ws in self.widths for w in ws]
 
 
-def balanced_cuts(widths: list[int], parts: int) -> tuple[int, ...]:
-    """Cut ``widths`` into ``parts`` contiguous slices of about equal summed width (some may be empty)."""
+def balanced_cuts(widths: list[int], parts: int, *, nonempty: bool = False) -> tuple[int, ...]:
+    """Cut ``widths`` into ``parts`` contiguous slices of about equal summed width; with ``nonempty`` every
+    slice keeps at least one row (when there are enough rows), otherwise some may be empty."""
     total = sum(widths)
     cuts, acc, row = [0], 0, 0
     for j in range(1, parts):
@@ -83,6 +85,16 @@ def balanced_cuts(widths: list[int], parts: int) -> tuple[int, ...]:
         while row < len(widths) and abs(acc + widths[row] - target) <= abs(acc - target):
             acc += widths[row]
             row += 1
+        if nonempty:
+            # At least one row more than the previous cut, and leave one for each slice after this one.
+            low, high = cuts[-1] + 1, len(widths) - (parts - j)
+            if low <= high:
+                while row < low:
+                    acc += widths[row]
+                    row += 1
+                while row > high:
+                    row -= 1
+                    acc -= widths[row]
         cuts.append(row)
     cuts.append(len(widths))
     return tuple(cuts)
@@ -101,8 +113,9 @@ class RowExchange:
         self.src, self.dst, self.device = src, dst, device
         self.rank = dist.get_rank()
 
-    def plan(self, widths_N: torch.Tensor) -> ExchangePlan:
-        """Collective over the world: gather every source replica's row widths ``[N]`` (int)."""
+    def plan(self, widths_N: torch.Tensor, *, nonempty: bool = False) -> ExchangePlan:
+        """Collective over the world: gather every source replica's row widths ``[N]`` (int); ``nonempty``:
+        every destination replica gets at least one row when there are enough."""
         counts = torch.zeros(len(self.src.replica), dtype=torch.int64, device=self.device)
         counts[self.rank] = widths_N.numel()
         dist.all_reduce(counts)
@@ -119,24 +132,29 @@ class RowExchange:
                                  f"of a replica must hold the same rows")
             widths.append(rows.pop())
         flat = [w for ws in widths for w in ws]
-        return ExchangePlan(widths=tuple(widths), cuts=balanced_cuts(flat, self.dst.num_replicas))
+        return ExchangePlan(widths=tuple(widths), cuts=balanced_cuts(flat, self.dst.num_replicas, nonempty=nonempty))
 
     # ------------------------------------------------------------------ the two directions
 
-    def to_dst(self, plan: ExchangePlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_dst(self, plan: ExchangePlan, tensors: dict[str, torch.Tensor], *,
+               last_stage_only: bool = False) -> dict[str, torch.Tensor] | None:
         """Source rows ``[N, S, ...]`` -> this rank's destination replica's rows ``[M, max W, ...]`` (zeros
-        past each row's width)."""
+        past each row's width). ``last_stage_only``: tensors that only last pipeline stages hold go from
+        and to last stages only (None on other ranks; they pass empty tensors of the right dtype)."""
         messages = []
         for dst_rank in range(len(self.dst.replica)):
+            if last_stage_only and not self.dst.last_stage[dst_rank]:
+                continue
             mine = plan.dst_rows(self.dst.replica[dst_rank])
             for replica in range(self.src.num_replicas):
                 rows = _overlap(plan.src_rows(replica), mine)
-                ranks = self.src.ranks(replica)
+                ranks = self.src.last_ranks(replica) if last_stage_only else self.src.ranks(replica)
                 if len(rows):
                     messages.append((ranks[dst_rank % len(ranks)], dst_rank, rows))
         my_rows = plan.dst_rows(self.dst.replica[self.rank])
         own_rows = plan.src_rows(self.src.replica[self.rank])
-        return self._run(plan, tensors, messages, out_rows=my_rows, in_rows=own_rows)
+        out = self._run(plan, tensors, messages, out_rows=my_rows, in_rows=own_rows)
+        return None if last_stage_only and not self.dst.last_stage[self.rank] else out
 
     def to_src(self, plan: ExchangePlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Destination rows ``[M, >= max W, ...]`` (on its last stage) -> this source replica's rows
@@ -166,39 +184,49 @@ class RowExchange:
         width = max((widths[r] for r in out_rows), default=1)
         out = {}
         for name, t in tensors.items():
-            out[name] = torch.zeros((len(out_rows), width, *t.shape[2:]), dtype=t.dtype)
+            shape = (len(out_rows), width, *t.shape[2:]) if t.dim() >= 2 else (len(out_rows),)
+            out[name] = torch.zeros(shape, dtype=t.dtype)
         ops, pending = [], []
         for sender, receiver, rows in messages:
             if self.rank not in (sender, receiver):
                 continue
             for name, t in tensors.items():
-                tail = tuple(t.shape[2:])
                 if sender == self.rank:
-                    payload = torch.cat([t[r - in_rows.start, :widths[r]].reshape(-1) for r in rows])
-                    payload = payload.to(self.device)
+                    payload = torch.cat([_cut(t, r - in_rows.start, widths[r]) for r in rows]).to(self.device)
                     if receiver == self.rank:
-                        pending.append((name, rows, tail, payload))
+                        pending.append((name, rows, payload))
                         continue
                     ops.append(dist.P2POp(dist.isend, payload, receiver))
                 else:
-                    size = sum(widths[r] for r in rows) * _numel(tail)
+                    size = sum(_row_numel(t, widths[r]) for r in rows)
                     buf = torch.empty(size, dtype=t.dtype, device=self.device)
                     ops.append(dist.P2POp(dist.irecv, buf, sender))
-                    pending.append((name, rows, tail, buf))
+                    pending.append((name, rows, buf))
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        for name, rows, tail, flat in pending:
-            flat, offset = flat.cpu(), 0
+        for name, rows, flat in pending:
+            flat, offset, dst = flat.cpu(), 0, out[name]
             for r in rows:
-                n = widths[r] * _numel(tail)
-                out[name][r - out_rows.start, :widths[r]] = flat[offset:offset + n].view(widths[r], *tail)
+                n = _row_numel(dst, widths[r])
+                if dst.dim() >= 2:
+                    dst[r - out_rows.start, :widths[r]] = flat[offset:offset + n].view(widths[r], *dst.shape[2:])
+                else:
+                    dst[r - out_rows.start] = flat[offset]
                 offset += n
         return out
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
+def _row_numel(t: torch.Tensor, width: int) -> int:
+    """Values one row of ``t`` sends: ``width`` positions times the trailing dims, or 1 for a ``[N]`` tensor."""
+    if t.dim() < 2:
+        return 1
+    n = width
+    for d in t.shape[2:]:
         n *= d
     return n
+
+
+def _cut(t: torch.Tensor, i: int, width: int) -> torch.Tensor:
+    """Row ``i`` of ``t``, its first ``width`` positions, flat."""
+    return t[i, :width].reshape(-1) if t.dim() >= 2 else t[i].reshape(1)

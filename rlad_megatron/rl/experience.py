@@ -34,6 +34,17 @@ class Experience:
     def __len__(self) -> int:
         return self.tokens_NS.shape[0]
 
+    def select(self, index: torch.Tensor) -> Experience:
+        """The rows ``index`` as an Experience of their own (not with kept teacher logits)."""
+        def pick(x):
+            return None if x is None else x[index]
+
+        return Experience(tokens_NS=self.tokens_NS[index], targets_NS=self.targets_NS[index],
+                          mask_NS=self.mask_NS[index], lp_old_NS=self.lp_old_NS[index],
+                          advantages_N=self.advantages_N[index], lp_t_NS=pick(self.lp_t_NS),
+                          lp_ref_NS=pick(self.lp_ref_NS), teacher_topk_ids_NSK=pick(self.teacher_topk_ids_NSK),
+                          teacher_topk_lp_NSK=pick(self.teacher_topk_lp_NSK))
+
     def rows(self, index: torch.Tensor) -> dict:
         """The tensors of rows ``index`` as one batch dict (teacher logits are handled by the caller)."""
         out = {"tokens_BS": self.tokens_NS[index], "targets_BS": self.targets_NS[index],

@@ -107,6 +107,9 @@ class StudentTrainModule:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.groups, self.objective, self.device = groups, objective, device
         self.micro_batch_size, self.clip_grad = micro_batch_size, clip_grad
+        # rl.balance_dp_tokens: replicas hold different shares of a mini-batch, so its loss is the sum over
+        # replicas over their summed count (else each replica's loss, averaged by the trainer).
+        self.global_loss = False
         self.configure(max_tokens_per_micro_batch=max_tokens_per_micro_batch, logprob_chunk_size=logprob_chunk_size)
 
     def configure(self, *, max_tokens_per_micro_batch: int, logprob_chunk_size: int) -> None:
@@ -181,7 +184,12 @@ class StudentTrainModule:
         metrics = mean_of_dicts(out, LOSS_METRICS)
         if out:
             # The loss reported is the mini-batch objective: summed losses over the total count.
-            metrics["loss"] = sum(d["loss"] for d in out) / max(sum(d["count"] for d in out), 1.0)
+            total, count = sum(d["loss"] for d in out), sum(d["count"] for d in out)
+            if self.global_loss and self.groups.dp_size > 1:
+                both = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(both, group=self.groups.dp)
+                total, count = both.tolist()
+            metrics["loss"] = total / max(count, 1.0)
         metrics["grad_norm"] = grad_norm
         metrics["skipped_step"] = 0.0 if stepped else 1.0
         metrics.update(layout)
@@ -193,7 +201,8 @@ class StudentTrainModule:
         mode: ``padding_frac``, ``micro_batches``, ``oversized_rows``)."""
         rows = exp.rows(index)
         if not self.max_tokens_per_micro_batch:
-            return split_micro_batches(rows, self.micro_batch_size), {}
+            # A remainder micro-batch only with rl.balance_dp_tokens (a replica's share of a mini-batch varies).
+            return split_micro_batches(rows, self.micro_batch_size, allow_remainder=True), {}
         lengths = row_lengths(rows["mask_BS"])
         plan = plan_micro_batches(lengths, max_tokens=self.max_tokens_per_micro_batch)
         stats = plan_stats(lengths, plan, max_tokens=self.max_tokens_per_micro_batch)

@@ -86,16 +86,19 @@ def test_separate_layout_trains_resumes_and_offloads(tmp_path, rl_overrides):
 
 
 def test_forward_kl_topk_crosses_layouts(tmp_path, rl_overrides):
-    """Also evaluates both models before training: the teacher generates on its own layout."""
+    """Also evaluates both models before training (the teacher generates on its own layout) and spreads
+    each mini-batch over the DP replicas by tokens (rl.balance_dp_tokens: the top-k travels too)."""
     k = 8
     evals = [f"--data.eval_path={tmp_path / 'easy.jsonl'}", "--train.eval_interval=4", "--train.eval_samples=8"]
     results = run_distributed(_train, 4, args=(_overrides(rl_overrides, tmp_path, "fkl", "forward_kl",
-                                                          f"--distill.teacher_topk={k}", *evals), False))
+                                                          f"--distill.teacher_topk={k}", *evals,
+                                                          "--rl.balance_dp_tokens=true"), False))
     rows = [json.loads(line) for line in (tmp_path / "fkl" / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r["step"] == 0)
     assert 0.0 <= first["eval/teacher_accuracy"] <= 1.0 and "eval/student_accuracy" in first
     losses = read_losses(tmp_path / "fkl")
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(v > 0 for v in losses.values())
+    assert all(r["dp_token_imbalance"] <= r["dp_token_imbalance_before"] for r in rows if r["step"] > 0)
     for r in results:  # PP=1 student: every rank is a last stage and holds its rows' signal
         for s in r["seen"]["signal"]:
             assert s["shape"] == (s["rows"], s["width"], k) and s["logits"] == 0
