@@ -65,6 +65,23 @@ def _experience(args, vocab: int):
                       lp_old_NS=-torch.rand((n, width), generator=gen) * 3, advantages_N=torch.randn(n, generator=gen))
 
 
+def _dp_balance(exp, replicas: int) -> tuple[float, float]:
+    """Largest replica's tokens / mean when the rows are ``replicas`` equal DP slices (their own rows),
+    and with rl.balance_dp_tokens' cuts (the plan only; the exchange is tested in test_dp_balance.py)."""
+    from rlad_megatron.distributed.row_exchange import balanced_cuts
+    from rlad_megatron.rl.micro_batches import row_lengths
+
+    widths = row_lengths(exp.mask_NS).tolist()
+    per = len(widths) // replicas
+
+    def ratio(cuts):
+        loads = [sum(widths[a:b]) for a, b in zip(cuts, cuts[1:])]
+        return max(loads) / (sum(loads) / len(loads))
+
+    return (ratio([i * per for i in range(replicas + 1)]),
+            ratio(balanced_cuts(widths[:per * replicas], replicas, nonempty=True)))
+
+
 def _timed(fn, reps: int):
     best, peak, out = float("inf"), 0, None
     for _ in range(reps):
@@ -110,6 +127,7 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--dp-replicas", type=int, default=4, help="DP replicas for the token-balance plan line")
     p.add_argument("--lp-positions", type=int, default=4096)
     p.add_argument("--lp-vocab", type=int, default=32768)
     p.add_argument("--lp-hidden", type=int, default=256)
@@ -178,6 +196,9 @@ def main() -> int:
         print(f"{name}: padding {results[name]['plan'].padding_fraction:.1%} of processed "
               f"(padded path {base['plan'].padding_fraction:.1%}); update {base['update_s'] / r['update_s']:.2f}x, "
               f"scoring {base['score_s'] / r['score_s']:.2f}x faster than padded")
+    own, spread = _dp_balance(exp, args.dp_replicas)
+    print(f"DP={args.dp_replicas} replicas of these rows: largest replica's tokens / mean {own:.2f} (own rows), "
+          f"{spread:.2f} (rl.balance_dp_tokens)")
     m, c = lp_mem["materialised"], lp_mem["chunked"]
     print(f"log-probs with grad at {args.lp_positions} positions x {args.lp_vocab} vocab (hidden {args.lp_hidden}): "
           f"materialised {m['peak_mb']:.0f} MB {m['time_s']:.2f} s, chunked({args.chunk}) {c['peak_mb']:.0f} MB "
