@@ -39,9 +39,7 @@ from rlad_megatron.losses.vocab_parallel import (
     _flatten,
     _global_max,
     _row_chunks,
-    _tp_rank_size,
-    _valid_columns,
-    check_vocab_layout,
+    _shard,
 )
 
 # Floor of the student's tail mass. 1 - sum_i exp(lp_s,i) in float32 carries ~1e-7 of rounding, so
@@ -119,11 +117,7 @@ class _VocabParallelGatherLogprobs(torch.autograd.Function):
         shape = logits.shape
         logits_NV = _flatten(logits, None)
         ids_NK = ids.reshape(-1, ids.shape[-1]).long()
-        n, vocab_local = logits_NV.shape
-        tp_rank, tp_size = _tp_rank_size(tp_group)
-        check_vocab_layout(vocab_local=vocab_local, tp_size=tp_size, vocab_size=vocab_size,
-                           padded_vocab_size=padded_vocab_size)
-        start, n_valid = _valid_columns(vocab_local, tp_rank, vocab_size)
+        n, vocab_local, start, n_valid, tp_size = _shard(logits_NV, tp_group, vocab_size, padded_vocab_size)
         src = logits_NV[:, :n_valid]
         max_N = _global_max(src, n, vocab_local, tp_group, tp_size)
         sum_exp, _ = _exp_sums(src, max_N, out_NVv=None, with_entropy=False)
@@ -193,12 +187,8 @@ def vocab_parallel_topk_logprobs(logits: torch.Tensor, k: int, *, tp_group: Opti
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected an integer >= 1, got {k!r}")
     logits_NV = _flatten(logits, None)
-    n, vocab_local = logits_NV.shape
-    tp_rank, tp_size = _tp_rank_size(tp_group)
-    check_vocab_layout(vocab_local=vocab_local, tp_size=tp_size, vocab_size=vocab_size,
-                       padded_vocab_size=padded_vocab_size)
+    n, vocab_local, start, n_valid, tp_size = _shard(logits_NV, tp_group, vocab_size, padded_vocab_size)
     k = min(k, vocab_size)
-    start, n_valid = _valid_columns(vocab_local, tp_rank, vocab_size)
     src = logits_NV[:, :n_valid]
     max_N, sum_exp = _log_sum_exp(src, n, vocab_local, tp_group, tp_size)
 

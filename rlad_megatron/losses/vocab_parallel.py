@@ -29,7 +29,7 @@ Shape legend:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -77,6 +77,27 @@ def _valid_columns(vocab_local: int, tp_rank: int, vocab_size: int) -> tuple[int
     """Global start of this shard and its number of unpadded columns."""
     start = tp_rank * vocab_local
     return start, max(0, min(vocab_local, vocab_size - start))
+
+
+class Shard(NamedTuple):
+    """This rank's part of the vocabulary: ``rows`` x ``width`` logits, global columns from ``start``,
+    the first ``n_valid`` unpadded, over ``tp_size`` ranks."""
+
+    rows: int
+    width: int
+    start: int
+    n_valid: int
+    tp_size: int
+
+
+def _shard(logits_NV: torch.Tensor, tp_group, vocab_size: int, padded_vocab_size: Optional[int]) -> Shard:
+    """The shard layout of ``[N, V/TP]`` logits, checked (ValueError naming the field)."""
+    n, vocab_local = logits_NV.shape
+    tp_rank, tp_size = _tp_rank_size(tp_group)
+    check_vocab_layout(vocab_local=vocab_local, tp_size=tp_size, vocab_size=vocab_size,
+                       padded_vocab_size=padded_vocab_size)
+    start, n_valid = _valid_columns(vocab_local, tp_rank, vocab_size)
+    return Shard(n, vocab_local, start, n_valid, tp_size)
 
 
 def _flatten(logits: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
@@ -158,11 +179,7 @@ def _forward_stats(logits_NV: torch.Tensor, target_N: torch.Tensor, *, tp_group,
     *unnormalised* ``exp(logits - max)`` over the valid columns and zeros over padded columns;
     the backward folds the ``1 / sum_exp`` into its one scaling pass (one pass fewer than megatron).
     """
-    n, vocab_local = logits_NV.shape
-    tp_rank, tp_size = _tp_rank_size(tp_group)
-    check_vocab_layout(vocab_local=vocab_local, tp_size=tp_size, vocab_size=vocab_size,
-                       padded_vocab_size=padded_vocab_size)
-    start, n_valid = _valid_columns(vocab_local, tp_rank, vocab_size)
+    n, vocab_local, start, n_valid, tp_size = _shard(logits_NV, tp_group, vocab_size, padded_vocab_size)
     src = logits_NV[:, :n_valid]
     max_N = _global_max(src, n, vocab_local, tp_group, tp_size)
 
@@ -242,11 +259,7 @@ class _VocabParallelForwardKL(torch.autograd.Function):
                              f"got {tuple(teacher.shape)}")
         shape = student.shape
         s_NV, t_NV = _flatten(student, None), _flatten(teacher, None)
-        n, vocab_local = s_NV.shape
-        tp_rank, tp_size = _tp_rank_size(tp_group)
-        check_vocab_layout(vocab_local=vocab_local, tp_size=tp_size, vocab_size=vocab_size,
-                           padded_vocab_size=padded_vocab_size)
-        _, n_valid = _valid_columns(vocab_local, tp_rank, vocab_size)
+        n, vocab_local, _, n_valid, tp_size = _shard(s_NV, tp_group, vocab_size, padded_vocab_size)
         s_src, t_src = s_NV[:, :n_valid], t_NV[:, :n_valid]
         max_s = _global_max(s_src, n, vocab_local, tp_group, tp_size)
         max_t = _global_max(t_src, n, vocab_local, tp_group, tp_size)
