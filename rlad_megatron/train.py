@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlad_megatron.config import load_config_or_exit
+from rlad_megatron.config import ConfigError, check_world, load_config_or_exit
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -29,8 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config_or_exit(args.config, overrides)
     # Heavy imports after the config is known to be valid: --help and bad configs answer fast.
     from rlad_megatron.distributed import init_distributed
+    from rlad_megatron.distributed.init import world_from_env
     from rlad_megatron.trainer import run
 
+    try:
+        # Both layouts against the launcher's world size, before any process group exists.
+        check_world(cfg, world_from_env()[1])
+    except ConfigError as e:
+        print(f"error: {args.config}: {e}", file=sys.stderr)
+        return 2
     world = init_distributed(cfg.train.device)
     run(cfg, world)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from rlad_megatron.config import Config, ConfigError, load_config, parse_overrides, save_config
 
 ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "launch" / "configs" / "tiny_cpu.yaml"
 CONFIGS = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
 
 
@@ -119,3 +121,16 @@ def test_teacher_layout_is_independent_of_the_students():
                              "--teacher.model.make_vocab_size_divisible_by=192",
                              "--teacher.parallel.tensor_model_parallel_size=2"])
     assert (cfg.student.padded_vocab_size, cfg.teacher.padded_vocab_size) == (256, 384)
+
+
+def test_train_entry_point_refuses_a_layout_the_world_cannot_hold():
+    """torchrun's WORLD_SIZE against both layouts, before any process group exists: one line, exit 2."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(WORLD_SIZE="2", RANK="0")
+    proc = subprocess.run([sys.executable, "-m", "rlad_megatron.train", "--config", str(TINY),
+                           "--teacher.parallel.tensor_model_parallel_size=1",
+                           "--teacher.parallel.pipeline_model_parallel_size=4", "--teacher.model.num_layers=4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "teacher.parallel: expected" in lines[-1] and "world size 2" in lines[-1]
