@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlad_megatron.config import Config
+from rlad_megatron.config import Config, same_layout
 from rlad_megatron.distributed.groups import ParallelGroups, build_layout_groups
 from rlad_megatron.distributed.row_exchange import RowExchange, layout_ranks
 from rlad_megatron.models.forward import shift_left
@@ -41,8 +41,6 @@ class _Rows:
 
 def teacher_groups(cfg: Config, student_groups: ParallelGroups) -> ParallelGroups:
     """The student's groups when both layouts agree; otherwise a second grid for ``teacher.parallel``."""
-    from rlad_megatron.config import same_layout
-
     if same_layout(cfg.student, cfg.teacher):
         return student_groups
     p = cfg.teacher.parallel
