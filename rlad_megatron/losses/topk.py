@@ -6,14 +6,14 @@ TopLogitsKLLoss and NeMo-RL's ``topk_logits_k``). The student is matched on thos
 one tail bucket holding the rest of the mass::
 
     KL = sum_i p_t,i (lp_t,i - lp_s,i) + p_t,tail (log p_t,tail - log p_s,tail)
-    p_t,tail = max(0, 1 - sum_i p_t,i)        p_s,tail = max(0, 1 - sum_i exp(lp_s,i))
+    p_t,tail = max(0, 1 - sum_i p_t,i)        p_s,tail = sum of p_s over every other column
 
 that is the KL of both distributions coarsened to k + 1 buckets: never above the full-vocabulary
 KL (data processing), equal to it when k covers the vocabulary, and 0 only where the student
 matches the teacher's top-k exactly, tail mass included.
 
 Nothing gathers the vocabulary: the top-k moves ``[N, k]`` candidates per rank through one
-all_gather, the student's log-probs at the ids one SUM all-reduce of ``[N, k + 1]``, on top of the
+all_gather, the student's log-probs at the ids and its tail one SUM all-reduce of ``[N, k + 2]``, on top of the
 ``[N]``-sized MAX / SUM reductions of :mod:`rlad_megatron.losses.vocab_parallel` (whose layout,
 padding rules and helpers this module reuses).
 
@@ -41,11 +41,6 @@ from rlad_megatron.losses.vocab_parallel import (
     _row_chunks,
     _shard,
 )
-
-# Floor of the student's tail mass. 1 - sum_i exp(lp_s,i) in float32 carries ~1e-7 of rounding, so
-# below ~1e-6 the computed tail is noise; a lower floor would let that noise scale the tail columns'
-# gradient by p_t,tail / p_s,tail (unbounded as p_s,tail -> 0), a higher one would bias real tails.
-_TAIL_FLOOR = 1e-6
 
 # Below every real key (a NaN bit pattern aside): fills the candidate slots of shards with fewer
 # valid columns than K, which the global top-k then never picks (all shards together hold >= K).
@@ -90,6 +85,21 @@ def _local_ids(ids_NK: torch.Tensor, start: int, n_valid: int) -> tuple[torch.Te
     return in_shard, torch.where(in_shard, local, torch.zeros_like(local))
 
 
+def _shifted_exp(src_BVv: torch.Tensor, max_B: torch.Tensor) -> torch.Tensor:
+    """float32 ``exp(logits - max)`` of a chunk of rows."""
+    return (src_BVv.float() - max_B.unsqueeze(-1)).exp_()
+
+
+def _not_ids(local_BK: torch.Tensor, in_shard_BK: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """float32 ``[B, Vv]``: 1 on the shard's valid columns that are none of the row's ids, 0 on the ids.
+
+    Counted with scatter_add (ids of other shards add 0 at column 0), so that no write order matters."""
+    hits = torch.zeros((local_BK.shape[0], n_valid), dtype=torch.float32, device=local_BK.device)
+    if n_valid:
+        hits.scatter_add_(1, local_BK, in_shard_BK.float())
+    return (hits == 0).float()
+
+
 def _check_k_shapes(lead: tuple, ids: torch.Tensor, lp: Optional[torch.Tensor]) -> None:
     if ids.dim() < 1 or tuple(ids.shape[:-1]) != lead or ids.shape[-1] < 1:
         raise ValueError(f"teacher_ids: expected shape {lead + ('k',)} with k >= 1 (the logits' leading dims), "
@@ -104,12 +114,18 @@ def _check_k_shapes(lead: tuple, ids: torch.Tensor, lp: Optional[torch.Tensor]) 
 
 
 class _VocabParallelGatherLogprobs(torch.autograd.Function):
-    """lp_i = logit_{id_i} - logsumexp(logits) for K ids per row; backward scatter(g) - softmax * sum_i g_i.
+    """lp_i = logit_{id_i} - logsumexp(logits) for K ids per row, and log p_tail = log of the mass on all
+    other columns, summed directly over them (not ``1 - sum_i p_i``, whose float32 rounding would drown
+    a tail below ~1e-6).
 
-    The backward recomputes the softmax from the saved logits instead of saving it: a float32 softmax
-    kept from forward to backward is a second shard-sized buffer (twice bf16 logits), while the
-    recomputation is one exp pass per chunk. Duplicated ids get the sum of their gradients (correct for
-    this Function; the tail formula of the KL is what needs distinct ids).
+    Backward, with g the gradient of lp [N, K] and h that of log p_tail [N] (replicated on every TP rank:
+    everything after the gather is)::
+
+        d/dz_j = scatter(g)_j - p_j (sum_i g_i + h) + h [j not an id] exp(z_j) / rest
+
+    The softmax is recomputed from the saved logits instead of saved: a float32 softmax kept from
+    forward to backward is a second shard-sized buffer (twice bf16 logits), the recomputation one exp
+    pass per chunk. Duplicated ids get the sum of their gradients and count once in the tail.
     """
 
     @staticmethod
@@ -120,31 +136,40 @@ class _VocabParallelGatherLogprobs(torch.autograd.Function):
         n, vocab_local, start, n_valid, tp_size = _shard(logits_NV, tp_group, vocab_size, padded_vocab_size)
         src = logits_NV[:, :n_valid]
         max_N = _global_max(src, n, vocab_local, tp_group, tp_size)
-        sum_exp, _ = _exp_sums(src, max_N, out_NVv=None, with_entropy=False)
-
         in_shard, local = _local_ids(ids_NK, start, n_valid)
+        sums = torch.zeros((n, 2), dtype=torch.float32, device=logits.device)  # all columns, the tail's
+        for lo, hi in _row_chunks(n, n_valid):
+            e = _shifted_exp(src[lo:hi], max_N[lo:hi])
+            sums[lo:hi, 0] = e.sum(-1)
+            sums[lo:hi, 1] = (e * _not_ids(local[lo:hi], in_shard[lo:hi], n_valid)).sum(-1)
+
         z_NK = logits_NV.gather(1, local).float() - max_N.unsqueeze(-1)
-        # One SUM all-reduce: the K shifted logits (each owned by one rank, 0 elsewhere) and the row sum.
-        stacked = torch.cat([torch.where(in_shard, z_NK, torch.zeros_like(z_NK)), sum_exp.unsqueeze(-1)], -1)
+        # One SUM all-reduce: the K shifted logits (each owned by one rank, 0 elsewhere) and both sums.
+        stacked = torch.cat([torch.where(in_shard, z_NK, torch.zeros_like(z_NK)), sums], -1)
         _all_reduce(stacked, dist.ReduceOp.SUM, tp_group, tp_size)
-        sum_exp = stacked[:, -1].contiguous()
-        lp_NK = stacked[:, :-1] - torch.log(sum_exp).unsqueeze(-1)
+        sum_exp = stacked[:, -2].contiguous()
+        # A tail that underflows float32 is held at the smallest normal number: a finite log, finite grads.
+        rest = stacked[:, -1].clamp(min=torch.finfo(torch.float32).tiny).contiguous()
+        log_sum = torch.log(sum_exp)
+        lp_NK = stacked[:, :-2] - log_sum.unsqueeze(-1)
         in_vocab = (ids_NK >= 0) & (ids_NK < vocab_size)  # padding or invalid ids: no mass
         lp_NK = torch.where(in_vocab, lp_NK, torch.full_like(lp_NK, -math.inf))
+        log_tail = torch.log(rest) - log_sum
 
-        ctx.save_for_backward(logits, max_N, sum_exp, in_shard, local)
+        ctx.save_for_backward(logits, max_N, sum_exp, rest, in_shard, local)
         ctx.shape, ctx.n_valid = shape, n_valid
-        return lp_NK.view(ids.shape)
+        return lp_NK.view(ids.shape), log_tail.view(ids.shape[:-1])
 
     @staticmethod
-    def backward(ctx, grad_lp):
-        logits, max_N, sum_exp, in_shard, local = ctx.saved_tensors
+    def backward(ctx, grad_lp, grad_tail):
+        logits, max_N, sum_exp, rest, in_shard, local = ctx.saved_tensors
         n_valid, vocab_local = ctx.n_valid, ctx.shape[-1]
         logits_NV = logits.reshape(-1, vocab_local)
         n = logits_NV.shape[0]
-        # g is replicated on every TP rank (all that follows the gather is), so no collective here.
-        g_NK = grad_lp.reshape(n, -1).float()
-        scale_N = -g_NK.sum(-1) / sum_exp
+        g_NK = grad_lp.reshape(n, -1).float() if grad_lp is not None else torch.zeros_like(local, dtype=torch.float32)
+        h_N = grad_tail.reshape(n).float() if grad_tail is not None else torch.zeros(n, device=logits.device)
+        scale_N = -(g_NK.sum(-1) + h_N) / sum_exp
+        tail_N = h_N / rest
         g_local = torch.where(in_shard, g_NK, torch.zeros_like(g_NK))
         grad_NV = torch.empty((n, vocab_local), dtype=logits.dtype, device=logits.device)
         direct = logits.dtype == torch.float32
@@ -152,9 +177,9 @@ class _VocabParallelGatherLogprobs(torch.autograd.Function):
             # bf16/fp16: float32 per chunk, cast once, so the scatter_add adds in float32
             out = grad_NV[lo:hi] if direct else torch.empty((hi - lo, vocab_local), dtype=torch.float32,
                                                             device=logits.device)
-            valid = out[:, :n_valid]
-            torch.sub(logits_NV[lo:hi, :n_valid], max_N[lo:hi].unsqueeze(-1), out=valid)
-            valid.exp_().mul_(scale_N[lo:hi].unsqueeze(-1))
+            e = _shifted_exp(logits_NV[lo:hi, :n_valid], max_N[lo:hi])
+            not_ids = _not_ids(local[lo:hi], in_shard[lo:hi], n_valid)
+            torch.mul(e, scale_N[lo:hi].unsqueeze(-1) + not_ids * tail_N[lo:hi].unsqueeze(-1), out=out[:, :n_valid])
             out[:, n_valid:].zero_()  # padded columns: zero gradient
             out.scatter_add_(1, local[lo:hi], g_local[lo:hi])  # ids of other shards add 0 at column 0
             if not direct:
@@ -226,12 +251,12 @@ def vocab_parallel_topk_forward_kl(student_logits: torch.Tensor, teacher_ids: to
 
     Returns:
         ``kl [...]`` float32. The tail term is exactly 0, in value and gradient, where the teacher's
-        top-k holds all its mass (p_t,tail == 0, always when K >= vocab_size); the student's tail is
-        floored at ``_TAIL_FLOOR`` (float32 resolution of ``1 - sum``), where it has no gradient.
+        top-k holds all its mass (p_t,tail == 0, always when K >= vocab_size). The student's tail is its
+        mass summed directly over the other columns, exact down to float32's smallest normal number.
     """
     _check_k_shapes(tuple(student_logits.shape[:-1]), teacher_ids, teacher_lp)
-    lp_s = _VocabParallelGatherLogprobs.apply(student_logits, teacher_ids, tp_group, vocab_size,
-                                              padded_vocab_size)
+    lp_s, log_ps_tail = _VocabParallelGatherLogprobs.apply(student_logits, teacher_ids, tp_group, vocab_size,
+                                                           padded_vocab_size)
     lp_t = teacher_lp.detach().float()
     p_t = lp_t.exp()
     # where(), not a product: a zero-mass teacher entry (lp_t = -inf) would give 0 * inf = NaN
@@ -240,11 +265,9 @@ def vocab_parallel_topk_forward_kl(student_logits: torch.Tensor, teacher_ids: to
         # Distinct ids cover the vocabulary: both tails are exactly 0, not the rounding of 1 - sum.
         return kl
     pt_tail = (1.0 - p_t.sum(-1)).clamp(min=0.0)
-    ps_tail = (1.0 - lp_s.exp().sum(-1)).clamp(min=_TAIL_FLOOR)
     has_tail = pt_tail > 0
-    # where() sends a zero gradient into the unused branch, which log's backward turns into 0 / ps_tail:
-    # the floor keeps that 0, not NaN, when the student's tail is 0 too. The teacher's log is made safe
-    # only to keep the forward finite (it has no gradient).
+    # The teacher's log is made safe only to keep the forward finite (it has no gradient); the
+    # student's log-tail is finite by construction (its mass summed directly, underflow held).
     log_pt_tail = torch.where(has_tail, pt_tail, torch.ones_like(pt_tail)).log()
-    tail = torch.where(has_tail, pt_tail * (log_pt_tail - ps_tail.log()), torch.zeros_like(kl))
+    tail = torch.where(has_tail, pt_tail * (log_pt_tail - log_ps_tail), torch.zeros_like(kl))
     return kl + tail

@@ -54,14 +54,17 @@ def _ref_full_kl(s64: torch.Tensor, t_full: torch.Tensor) -> torch.Tensor:
     return torch.where(lt > -math.inf, lt.exp() * (lt - ls), torch.zeros_like(ls)).sum(-1)
 
 
-def _ref_topk_kl(s64: torch.Tensor, ids: torch.Tensor, lp_t: torch.Tensor, floor: float) -> torch.Tensor:
-    """The top-k + tail formula in float64, written out independently of the kernel."""
-    ls = _ref_logp(s64).gather(-1, ids.long())
+def _ref_topk_kl(s64: torch.Tensor, ids: torch.Tensor, lp_t: torch.Tensor) -> torch.Tensor:
+    """The top-k + tail formula in float64, written out independently of the kernel (the student's tail
+    summed over the other columns)."""
+    logp = _ref_logp(s64)
+    ls = logp.gather(-1, ids.long())
     lt = lp_t.double()
     pt = lt.exp()
     head = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(ls)).sum(-1)
     pt_tail = (1 - pt.sum(-1)).clamp(min=0)
-    ps_tail = (1 - ls.exp().sum(-1)).clamp(min=floor)
+    others = torch.ones_like(logp).scatter(-1, ids.long(), 0.0)
+    ps_tail = (logp.exp() * others).sum(-1)
     safe = torch.where(pt_tail > 0, pt_tail, torch.ones_like(pt_tail))
     return head + torch.where(pt_tail > 0, pt_tail * (safe.log() - ps_tail.log()), torch.zeros_like(head))
 
@@ -153,9 +156,22 @@ def _check_small_k(tp_group, lo, hi, inputs):
                                             lp_t, tp_group=tp_group, vocab_size=VOCAB)
                 finally:
                     vp._CHUNK_ELEMS = old
-                kl_ref, grad_ref = _ref_grad(_ref_topk_kl, s_full, dtype, lo, hi, g, ids, lp_t, topk._TAIL_FLOOR)
+                kl_ref, grad_ref = _ref_grad(_ref_topk_kl, s_full, dtype, lo, hi, g, ids, lp_t)
                 assert _rel_err(kl, kl_ref) <= 1e-5, (dtype, k, _rel_err(kl, kl_ref))
                 assert _rel_err(grad, grad_ref) <= tol, (dtype, k, _rel_err(grad, grad_ref))
+            # A confident student: its mass outside the teacher's top-7 is ~1e-9, far below float32's
+            # resolution of 1 - sum_i p_i, while the teacher's tail is not small.
+            ids, lp_t = topk.vocab_parallel_topk_logprobs(t_full[..., lo:hi], 7, tp_group=tp_group,
+                                                          vocab_size=VOCAB)
+            confident = torch.full_like(s_full, -2.0).scatter(-1, ids[..., :1], 20.0)
+            kl, grad = _kl_and_grad(topk.vocab_parallel_topk_forward_kl, confident, torch.float32, lo, hi, g, ids,
+                                    lp_t, tp_group=tp_group, vocab_size=VOCAB)
+            kl_ref, grad_ref = _ref_grad(_ref_topk_kl, confident, torch.float32, lo, hi, g, ids, lp_t)
+            p = _ref_logp(confident.double()).exp()
+            tail = (p * torch.ones_like(p).scatter(-1, ids.long(), 0.0)).sum(-1)
+            assert float(tail.max()) < 1e-7  # below what 1 - sum resolves in float32
+            assert _rel_err(kl, kl_ref) <= 1e-5, ("confident", _rel_err(kl, kl_ref))
+            assert _rel_err(grad, grad_ref) <= 1e-4, ("confident", _rel_err(grad, grad_ref))
 
 
 def _check_covered_mass(tp_group, lo, hi, inputs):
