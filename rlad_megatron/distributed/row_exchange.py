@@ -24,6 +24,7 @@ Transfers are point-to-point (``batch_isend_irecv``); a rank's message to itself
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -40,11 +41,21 @@ class LayoutRanks:
     def num_replicas(self) -> int:
         return max(self.replica) + 1
 
+    @cached_property
+    def _members(self) -> tuple[tuple[list[int], ...], tuple[list[int], ...]]:
+        every: tuple[list[int], ...] = tuple([] for _ in range(self.num_replicas))
+        last: tuple[list[int], ...] = tuple([] for _ in range(self.num_replicas))
+        for r, rep in enumerate(self.replica):
+            every[rep].append(r)
+            if self.last_stage[r]:
+                last[rep].append(r)
+        return every, last
+
     def ranks(self, replica: int) -> list[int]:
-        return [r for r, rep in enumerate(self.replica) if rep == replica]
+        return self._members[0][replica]
 
     def last_ranks(self, replica: int) -> list[int]:
-        return [r for r in self.ranks(replica) if self.last_stage[r]]
+        return self._members[1][replica]
 
 
 def layout_ranks(groups, device: torch.device) -> LayoutRanks:
@@ -62,14 +73,20 @@ class ExchangePlan:
     widths: tuple[tuple[int, ...], ...]  # per source replica, each row's width
     cuts: tuple[int, ...]  # destination replica j scores global rows cuts[j]:cuts[j + 1]
 
+    @cached_property
+    def _starts(self) -> list[int]:
+        starts = [0]
+        for ws in self.widths:
+            starts.append(starts[-1] + len(ws))
+        return starts
+
     def src_rows(self, replica: int) -> range:
-        start = sum(len(w) for w in self.widths[:replica])
-        return range(start, start + len(self.widths[replica]))
+        return range(self._starts[replica], self._starts[replica + 1])
 
     def dst_rows(self, replica: int) -> range:
         return range(self.cuts[replica], self.cuts[replica + 1])
 
-    @property
+    @cached_property
     def all_widths(self) -> list[int]:
         return [w for ws in self.widths for w in ws]
 
@@ -141,16 +158,8 @@ class RowExchange:
         """Source rows ``[N, S, ...]`` -> this rank's destination replica's rows ``[M, max W, ...]`` (zeros
         past each row's width). ``last_stage_only``: tensors that only last pipeline stages hold go from
         and to last stages only (None on other ranks; they pass empty tensors of the right dtype)."""
-        messages = []
-        for dst_rank in range(len(self.dst.replica)):
-            if last_stage_only and not self.dst.last_stage[dst_rank]:
-                continue
-            mine = plan.dst_rows(self.dst.replica[dst_rank])
-            for replica in range(self.src.num_replicas):
-                rows = _overlap(plan.src_rows(replica), mine)
-                ranks = self.src.last_ranks(replica) if last_stage_only else self.src.ranks(replica)
-                if len(rows):
-                    messages.append((ranks[dst_rank % len(ranks)], dst_rank, rows))
+        messages = self._route(giver=self.src, taker=self.dst, give_rows=plan.src_rows, take_rows=plan.dst_rows,
+                               last_givers=last_stage_only, last_takers=last_stage_only)
         my_rows = plan.dst_rows(self.dst.replica[self.rank])
         own_rows = plan.src_rows(self.src.replica[self.rank])
         out = self._run(plan, tensors, messages, out_rows=my_rows, in_rows=own_rows)
@@ -159,22 +168,44 @@ class RowExchange:
     def to_src(self, plan: ExchangePlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Destination rows ``[M, >= max W, ...]`` (on its last stage) -> this source replica's rows
         ``[N, max W, ...]`` on its last-stage ranks; None on other ranks."""
-        messages = []
-        for src_rank in range(len(self.src.replica)):
-            if not self.src.last_stage[src_rank]:
-                continue
-            mine = plan.src_rows(self.src.replica[src_rank])
-            for replica in range(self.dst.num_replicas):
-                rows = _overlap(plan.dst_rows(replica), mine)
-                ranks = self.dst.last_ranks(replica)
-                if len(rows):
-                    messages.append((ranks[src_rank % len(ranks)], src_rank, rows))
+        messages = self._route(giver=self.dst, taker=self.src, give_rows=plan.dst_rows, take_rows=plan.src_rows,
+                               last_givers=True, last_takers=True)
         my_rows = plan.src_rows(self.src.replica[self.rank])
         own_rows = plan.dst_rows(self.dst.replica[self.rank])
         out = self._run(plan, tensors, messages, out_rows=my_rows, in_rows=own_rows)
         return out if self.src.last_stage[self.rank] else None
 
     # ------------------------------------------------------------------ transport
+
+    def _route(self, *, giver: LayoutRanks, taker: LayoutRanks, give_rows, take_rows, last_givers: bool,
+               last_takers: bool) -> list[tuple[int, int, range]]:
+        """This rank's messages ``(sender, receiver, global rows)``: every eligible rank of a taking replica
+        gets the rows it takes from each giving replica that holds some, from one of that replica's
+        eligible ranks (``pool[receiver % len(pool)]``, spreading the sending). Only the replicas whose
+        rows overlap this rank's are visited, not the whole world."""
+        def pool(layout, replica, last):
+            return layout.last_ranks(replica) if last else layout.ranks(replica)
+
+        me, messages = self.rank, []
+        if not last_takers or taker.last_stage[me]:
+            wanted = take_rows(taker.replica[me])
+            for i in range(giver.num_replicas):
+                rows = _overlap(give_rows(i), wanted)
+                if len(rows):
+                    senders = pool(giver, i, last_givers)
+                    messages.append((senders[me % len(senders)], me, rows))
+        mine = giver.replica[me]
+        senders = pool(giver, mine, last_givers)
+        if me in senders:
+            held = give_rows(mine)
+            for j in range(taker.num_replicas):
+                rows = _overlap(take_rows(j), held)
+                if not len(rows):
+                    continue
+                for receiver in pool(taker, j, last_takers):
+                    if senders[receiver % len(senders)] == me and receiver != me:
+                        messages.append((me, receiver, rows))
+        return messages
 
     def _run(self, plan: ExchangePlan, tensors: dict[str, torch.Tensor], messages: list, *, out_rows: range,
              in_rows: range) -> dict[str, torch.Tensor]:
