@@ -47,16 +47,14 @@ class Experience:
 
     def rows(self, index: torch.Tensor) -> dict:
         """The tensors of rows ``index`` as one batch dict (teacher logits are handled by the caller)."""
-        out = {"tokens_BS": self.tokens_NS[index], "targets_BS": self.targets_NS[index],
-               "mask_BS": self.mask_NS[index], "lp_old_BS": self.lp_old_NS[index],
-               "adv_B": self.advantages_N[index]}
-        if self.lp_t_NS is not None:
-            out["lp_t_BS"] = self.lp_t_NS[index]
-        if self.lp_ref_NS is not None:
-            out["lp_ref_BS"] = self.lp_ref_NS[index]
-        if self.teacher_topk_ids_NSK is not None:
-            out["teacher_topk_ids_BSK"] = self.teacher_topk_ids_NSK[index]
-            out["teacher_topk_lp_BSK"] = self.teacher_topk_lp_NSK[index]
+        e = self.select(index)
+        out = {"tokens_BS": e.tokens_NS, "targets_BS": e.targets_NS, "mask_BS": e.mask_NS, "lp_old_BS": e.lp_old_NS,
+               "adv_B": e.advantages_N}
+        for key, value in (("lp_t_BS", e.lp_t_NS), ("lp_ref_BS", e.lp_ref_NS),
+                           ("teacher_topk_ids_BSK", e.teacher_topk_ids_NSK),
+                           ("teacher_topk_lp_BSK", e.teacher_topk_lp_NSK)):
+            if value is not None:
+                out[key] = value
         return out
 
 

@@ -38,7 +38,7 @@ from rlad_megatron.losses import (
     vocab_parallel_topk_logprobs,
 )
 from rlad_megatron.models.builder import freeze
-from rlad_megatron.models.forward import run_schedule, split_micro_batches
+from rlad_megatron.models.forward import run_schedule
 from rlad_megatron.models.logprobs import check_chunkable, output_weight
 from rlad_megatron.models.offload import ParameterOffload
 from rlad_megatron.models.weights import build_model
@@ -136,15 +136,17 @@ class Scorer:
             return torch.zeros((), device=out.device), torch.tensor(1, dtype=torch.int), {
                 k: v.cpu() for k, v in got.items()}
 
-        plan = None
+        n, s = exp.targets_NS.shape
+        # The rows of each micro-batch: a token-budget plan, or consecutive micro_batch_size rows at full width
+        # (the last one smaller when a teacher replica's slice does not divide).
         if self.max_tokens_per_micro_batch and not keep_logits:
             lengths = row_lengths(exp.mask_NS)
             plan = plan_micro_batches(lengths, max_tokens=self.max_tokens_per_micro_batch)
             self.last_stats = plan_stats(lengths, plan, max_tokens=self.max_tokens_per_micro_batch).as_metrics()
             micro = trimmed_micro_batches(batch, plan, lengths)
         else:
-            micro = split_micro_batches(batch, self.micro_batch_size, allow_remainder=True) if len(exp.tokens_NS) \
-                else []
+            plan = [torch.arange(i, min(i + self.micro_batch_size, n)) for i in range(0, n, self.micro_batch_size)]
+            micro = [{k: v[rows] for k, v in batch.items()} for rows in plan]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -154,14 +156,11 @@ class Scorer:
             self.model.train(was_training)
         if not self.groups.is_last_stage:
             return TeacherSignal()
-        n, s = exp.targets_NS.shape
         full = {"lp": torch.zeros((n, s), dtype=torch.float32)}
         if topk:
             full["ids"] = torch.zeros((n, s, topk), dtype=torch.int32)
             full["topk_lp"] = torch.zeros((n, s, topk), dtype=torch.float32)
-        rows_of = plan if plan is not None else [torch.arange(i, min(i + self.micro_batch_size, n))
-                                                 for i in range(0, n, self.micro_batch_size)]
-        for rows, d in zip(rows_of, out):
+        for rows, d in zip(plan, out):
             for key, value in full.items():
                 value[rows, :d[key].shape[1]] = d[key]
         return TeacherSignal(lp_NS=full["lp"], topk_ids_NSK=full.get("ids"), topk_lp_NSK=full.get("topk_lp"),

@@ -85,9 +85,7 @@ class LayoutScorer:
             yield
 
     def logprobs(self, exp, *, keep_logits: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        if keep_logits:
-            raise ValueError("keep_logits: full teacher logits need the student's layout (use distill.teacher_topk)")
-        return self.teacher_signal(exp).lp_NS, []
+        return self.teacher_signal(exp, keep_logits=keep_logits).lp_NS, []
 
     def teacher_signal(self, exp, *, topk: int = 0, keep_logits: bool = False) -> TeacherSignal:
         if keep_logits:
@@ -108,15 +106,14 @@ class LayoutScorer:
             tokens, mask = self._pad_to_uniform(plan, tokens, mask)
         rows = _Rows(tokens_NS=tokens, targets_NS=shift_left(tokens, self.pad_id), mask_NS=mask)
         signal = self.scorer.teacher_signal(rows, topk=topk)
-        out = {"lp": signal.lp_NS}
-        if topk:
-            out["ids"], out["topk_lp"] = signal.topk_ids_NSK, signal.topk_lp_NSK
-        if not self.scorer.groups.is_last_stage:
+        if self.scorer.groups.is_last_stage:
+            out = {"lp": signal.lp_NS, "ids": signal.topk_ids_NSK, "topk_lp": signal.topk_lp_NSK}
+        else:
             # Not a sender: empty tensors that only tell the receivers' dtypes and trailing dims.
-            out = {"lp": torch.zeros((0, 0), dtype=torch.float32)}
-            if topk:
-                out["ids"] = torch.zeros((0, 0, topk), dtype=torch.int32)
-                out["topk_lp"] = torch.zeros((0, 0, topk), dtype=torch.float32)
+            out = {"lp": torch.zeros((0, 0), dtype=torch.float32), "ids": torch.zeros((0, 0, topk), dtype=torch.int32),
+                   "topk_lp": torch.zeros((0, 0, topk), dtype=torch.float32)}
+        if not topk:
+            del out["ids"], out["topk_lp"]
         back = self.exchange.to_src(plan, out)
         if back is None:
             return TeacherSignal()
