@@ -13,6 +13,12 @@ device tensor) into the full-length buffers megatron allocated during prefill, a
 change when the cohort is compacted. On CUDA the step is captured once per (cohort, batch size)
 and replayed; on CPU it runs eagerly (what the CPU tests check against megatron's path).
 
+Keys are cached rotated. Megatron caches them without RoPE and rotates the whole cached prefix in
+every layer at every step: at 64 rows x 384 slots that is several passes over each layer's keys,
+more bytes than the layer's weights. Rotation is elementwise per slot, so rotating each key once
+(the prefill's keys when the cohort enters decode, each new key as it is written) gives the same
+bits as rotating them again at every step, and a step reads each cached K/V entry once.
+
 The body calls the model's own submodules (norms, fused QKV, MLP, output layer with its TP
 gather), so it is written for the local and the Transformer Engine specs (only the local spec is
 tested: no TE in the CPU venv, and no GPU run yet). Supported: PP = 1, RoPE, no
@@ -44,28 +50,24 @@ class DecodeSteps:
     def __init__(self, model, *, capture: bool):
         self.model, self.capture = model, capture
         self._graphs: dict[int, _Graph] = {}  # id(context) -> the graph of its current buffers
-        self._cleared: set[int] = set()  # id(context) of caches whose unwritten slots are zeroed
+        self._prepared: set[int] = set()  # id(context) of caches zeroed past the prefill and rotated
         self.captures = 0
 
     def step(self, context: StaticInferenceContext, ids_b1: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits ``[b, V]`` for the tokens ``ids_b1`` at position ``pos``; advances the context by one."""
         memory = context.key_value_memory_dict
         pos_1 = torch.full((1,), pos, dtype=torch.long, device=ids_b1.device)
-        if id(context) not in self._cleared:
-            # Megatron allocates the cache with torch.empty: a masked slot still multiplies its value
-            # by a zero weight, and a NaN there would poison the row. Compaction copies the zeros.
-            for key_Lbgd, value_Lbgd in memory.values():
-                key_Lbgd[pos:].zero_()
-                value_Lbgd[pos:].zero_()
-            self._cleared.add(id(context))
+        freqs_L11d = _rope(self.model, context)
+        if id(context) not in self._prepared:
+            _prepare_cache(self.model, memory, pos, freqs_L11d)
+            self._prepared.add(id(context))
         if not self.capture:
-            logits_bV = _decode_body(self.model, memory, ids_b1, pos_1, _rope(self.model, context))
+            logits_bV = _decode_body(self.model, memory, ids_b1, pos_1, freqs_L11d)
         else:
             graph = self._graphs.get(id(context))
             if graph is None or not graph.matches(memory):
                 self._graphs.pop(id(context), None)  # free the old graph's pool before capturing
-                graph = self._graphs[id(context)] = _Graph(self.model, memory, ids_b1, pos_1,
-                                                           _rope(self.model, context))
+                graph = self._graphs[id(context)] = _Graph(self.model, memory, ids_b1, pos_1, freqs_L11d)
                 self.captures += 1
             logits_bV = graph.replay(ids_b1, pos_1)
         context.increment_sequence_len_offset(1)
@@ -73,12 +75,29 @@ class DecodeSteps:
 
     def release(self, context: StaticInferenceContext) -> None:
         self._graphs.pop(id(context), None)
-        self._cleared.discard(id(context))
+        self._prepared.discard(id(context))
 
 
 def _rope(model, context: StaticInferenceContext) -> torch.Tensor:
     """RoPE frequencies ``[Lc, 1, 1, d]`` for the cohort's whole cache (what megatron's prefill built)."""
     return model.rotary_pos_emb(context.max_sequence_length)
+
+
+def _prepare_cache(model, memory: dict, pos: int, freqs_L11d: torch.Tensor) -> None:
+    """Zero the slots from ``pos`` on and rotate the prefill's keys ``[0, pos)`` in place.
+
+    Megatron allocates the cache with torch.empty: a masked slot still multiplies its value by a
+    zero weight, and a NaN there would poison the row. Compaction copies the zeros and the rotation.
+    """
+    for key_Lbgd, value_Lbgd in memory.values():
+        key_Lbgd[pos:].zero_()
+        value_Lbgd[pos:].zero_()
+        key_Lbgd[:pos] = _rotate(model, key_Lbgd[:pos], freqs_L11d[:pos])
+
+
+def _rotate(model, x_sbhd: torch.Tensor, freqs_s11d: torch.Tensor) -> torch.Tensor:
+    cp_group = getattr(getattr(model.decoder.layers[0].self_attention, "pg_collection", None), "cp", None)
+    return apply_rotary_pos_emb(x_sbhd, freqs_s11d, config=model.config, cp_group=cp_group)
 
 
 def _decode_body(model, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor,
@@ -91,16 +110,13 @@ def _decode_body(model, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor,
     freqs_q_111d = freqs_L11d.index_select(0, pos_1)
     for layer in model.decoder.layers:
         attn = layer.self_attention
-        cp_group = getattr(getattr(attn, "pg_collection", None), "cp", None)
         residual_1bH = hidden_1bH
         query_1bnd, key_1bgd, value_1bgd = attn.get_query_key_value_tensors(layer.input_layernorm(hidden_1bH), None)
         key_Lbgd, value_Lbgd = memory[layer.layer_number]
-        key_Lbgd.index_copy_(0, pos_1, key_1bgd)
+        key_Lbgd.index_copy_(0, pos_1, _rotate(model, key_1bgd, freqs_q_111d))
         value_Lbgd.index_copy_(0, pos_1, value_1bgd)
-        # Megatron caches keys without RoPE and rotates the whole cached prefix each step; same here.
-        query_1bnd = apply_rotary_pos_emb(query_1bnd, freqs_q_111d, config=config, cp_group=cp_group)
-        keys_Lbgd = apply_rotary_pos_emb(key_Lbgd, freqs_L11d, config=config, cp_group=cp_group)
-        ctx_1bD = _attend(query_1bnd[0], keys_Lbgd, value_Lbgd, attend_111L,
+        query_1bnd = _rotate(model, query_1bnd, freqs_q_111d)
+        ctx_1bD = _attend(query_1bnd[0], key_Lbgd, value_Lbgd, attend_111L,
                           scale=getattr(attn.core_attention, "softmax_scale", None) or config.softmax_scale)
         out_1bH, bias = attn.linear_proj(ctx_1bD)
         hidden_1bH = residual_1bH + (out_1bH if bias is None else out_1bH + bias)

@@ -130,3 +130,48 @@ def test_pool_matches_one_batch(tp, pp):
         for key in ("greedy", "sampled"):
             torch.testing.assert_close(r[key][0], results[0][key][0], rtol=0, atol=0)
             torch.testing.assert_close(r[key][1], results[0][key][1], rtol=0, atol=0)
+
+
+def _run_rotations(rank, world_size, prompts, seed):
+    from rlad_megatron.distributed import initialize_model_parallel
+    from rlad_megatron.models.builder import build_gpt_model
+    from rlad_megatron.rl import graphed_decode
+    from rlad_megatron.rl.rollout import generate, repeat_prompts
+
+    groups = initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=seed)
+    model = build_gpt_model(_section(1, 1), groups, device=torch.device("cpu"))
+    rows = repeat_prompts(prompts, group_size=GROUP)
+    rotated_slots = []
+    rotate = graphed_decode.apply_rotary_pos_emb
+
+    def counting(t, freqs, **kw):
+        rotated_slots.append(t.shape[0])
+        return rotate(t, freqs, **kw)
+
+    kw = dict(model=model, groups=groups, prompts=rows, max_new_tokens=NEW, temperature=0.0, top_p=1.0,
+              eos_id=None, pad_id=PAD, vocab_size=VOCAB, generator=None)
+    eager = generate(**kw)
+    out = {}
+    graphed_decode.apply_rotary_pos_emb = counting
+    try:
+        for max_rows in (None, len(rows) // 4):
+            rotated_slots.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fixed = generate(cuda_graphs=True, max_rows=max_rows, **kw)
+            _same(fixed, eager, lp_tol=1e-5)
+            out[max_rows] = (list(rotated_slots), fixed.stats.cohorts, fixed.stats.fixed_shape_steps)
+    finally:
+        graphed_decode.apply_rotary_pos_emb = rotate
+    return out
+
+
+def test_fixed_shape_step_rotates_each_key_once():
+    """The fixed-shape step caches rotated keys: per step it rotates only the new key and query (one
+    slot each), and each cohort's prefill keys are rotated once per layer when it enters decode, so
+    a step reads the cache instead of re-rotating the whole prefix as megatron's step does."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    for max_rows, (slots, cohorts, steps) in run_distributed(_run_rotations, 1, args=(_prompts(seed), seed))[0].items():
+        prefill = [s for s in slots if s > 1]
+        assert len(prefill) == NUM_LAYERS * cohorts, (max_rows, prefill, cohorts)
+        assert slots.count(1) == 2 * NUM_LAYERS * steps, (max_rows, len(slots), steps)
