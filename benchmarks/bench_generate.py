@@ -6,9 +6,10 @@
     python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --layers 16 --hidden 2048 ... --mismatch
 
 Every variant runs ``rlad_megatron.rl.rollout.generate`` on the same randomly initialised
-GPTModel and prompts, greedy: ``one batch`` holds every row in one KV cache, ``pool`` holds at
-most ``--max-rows`` rows and admits the rest as rows finish; ``graphed`` (CUDA only) runs decode
-steps as captured CUDA graphs (``cuda_graphs=True``); ``--recompute`` adds the no-cache baseline.
+GPTModel and prompts, greedy unless ``--temperature`` > 0: ``one batch`` holds every row in one
+KV cache, ``pool`` holds at most ``--max-rows`` rows and admits the rest as rows finish;
+``graphed`` (CUDA only) runs decode steps, sampling included, as captured CUDA graphs
+(``cuda_graphs=True``); ``--recompute`` adds the no-cache baseline.
 
 Without ``--long-tail`` no row stops early (every row makes ``--new-tokens`` tokens). With it, a
 logit bias makes row i emit a countdown from its target length to EOS, so response lengths follow
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-pool", action="store_true", help="skip the pool variants")
     p.add_argument("--fixed-shape", action="store_true",
                    help="on CPU, add the graphed variant's fixed-shape decode step run eagerly (cuda_graphs=True)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy; > 0 samples (row seeds 0..batch-1, so every variant draws the same streams)")
     p.add_argument("--mismatch", action="store_true", help="report the sampler / training-forward log-prob gap")
     p.add_argument("--reps", type=int, default=1, help="timed runs per variant, interleaved; the median is shown")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: torch default)")
@@ -130,8 +133,8 @@ def timed_generate(model, groups, prompts, args, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batch = generate(model=model, groups=groups, prompts=prompts, max_new_tokens=args.new_tokens,
-                         temperature=0.0, top_p=1.0, eos_id=EOS if args.long_tail else None, pad_id=0,
-                         vocab_size=args.vocab, generator=None, **kw)
+                         temperature=args.temperature, top_p=1.0, eos_id=EOS if args.long_tail else None, pad_id=0,
+                         vocab_size=args.vocab, generator=None, row_seeds=list(range(len(prompts))), **kw)
     _sync(model)
     return batch, time.perf_counter() - start
 
@@ -229,7 +232,8 @@ def main(argv=None) -> None:
     ref = results[0][1]
     print(f"model: {weight_bytes * args.tp / model.config.params_dtype.itemsize / 1e6:.1f}M params, {args.layers} "
           f"layers, hidden {args.hidden}, vocab {args.vocab}; TP={args.tp}; batch {args.batch} x prompt "
-          f"{args.prompt_len} + up to {args.new_tokens} new tokens; {args.dtype}; torch threads/rank "
+          f"{args.prompt_len} + up to {args.new_tokens} new tokens; temperature {args.temperature}; "
+          f"{args.dtype}; torch threads/rank "
           f"{torch.get_num_threads()}; "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or platform.machine()}")
     if lengths is not None:

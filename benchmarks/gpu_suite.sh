@@ -7,7 +7,8 @@
 # 2. The 853M / 64-row benchmark (BENCHMARKS.md), bf16: one batch vs pool (16 rows), eager vs
 #    graphed, new tokens/s, ms per decode step, roofline fraction, and the bf16 log-prob mismatch
 #    of the sampler vs a training forward (eager and graphed).
-# 3. The same model with lognormal EOS lengths (--long-tail): decode steps and time, pool vs one batch.
+# 3. The same model with lognormal EOS lengths (--long-tail): decode steps and time, pool vs one batch,
+#    sampled at temperature 1 (the seeded sampler inside the graph; the countdown bias fixes the tokens).
 # 4. Issue 12: a ~0.8B teacher (the 853M shape) beside a small student on one GPU, bf16: the teacher
 #    phase, the offload copy time and their share of the step, teacher.offload off vs on (kdrl: its loss is
 #    non-zero even when a random student earns no reward, so the bitwise-identity check bites).
@@ -42,7 +43,7 @@ step bench_853m 210 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-row
   --new-tokens 256 --mismatch
 # shellcheck disable=SC2086
 step bench_853m_long_tail 150 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-rows 16 --prompt-len 128 \
-  --new-tokens 256 --long-tail
+  --new-tokens 256 --long-tail --temperature 1
 TEACHER="--teacher.model.num_layers=16 --teacher.model.hidden_size=2048 --teacher.model.num_attention_heads=16 \
   --teacher.model.num_query_groups=4 --teacher.model.ffn_hidden_size=5632 --teacher.model.params_dtype=bfloat16 \
   --teacher.model.max_position_embeddings=512 --teacher.parallel.tensor_model_parallel_size=1"

@@ -1,4 +1,4 @@
-"""A decode step with fixed shapes over a cohort's KV buffers, captured as a CUDA graph on GPU.
+"""A decode step with fixed shapes over a cohort's KV buffers, sampling included, captured as a CUDA graph on GPU.
 
 Shape legend: b = rows of the cohort (its batch-size bucket), Lc = the cohort's cache length,
 g = query groups on this TP rank, n = attention heads on this TP rank, d = head dim,
@@ -27,6 +27,8 @@ attention output gate, no MoE; :func:`check_supported` says why otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
@@ -44,17 +46,30 @@ def check_supported(model, groups) -> str | None:
     return None
 
 
-class DecodeSteps:
-    """Fixed-shape decode steps for every cohort of one generate() call."""
+# (logits [b, V], row seeds [b], positions [b]) -> (tokens [b], their log-probs [b]): the rollout's
+# sampler with its temperature, top-p and vocabulary bound (sampling.make_sampler).
+Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-    def __init__(self, model, *, capture: bool):
-        self.model, self.capture = model, capture
+
+class DecodeSteps:
+    """Fixed-shape decode steps, sampling included, for every cohort of one generate() call.
+
+    Sampling is part of the step (and of its graph): it is fixed-shape and sync-free, and eager it
+    would launch more kernels per step than the graph replay (the seeded hash alone is ~150 ops).
+    Every cohort row is sampled; the caller keeps the rows that are sampling at this position.
+    """
+
+    def __init__(self, model, *, capture: bool, sample: Sampler):
+        self.model, self.capture, self.sample = model, capture, sample
         self._graphs: dict[int, _Graph] = {}  # id(context) -> the graph of its current buffers
         self._prepared: set[int] = set()  # id(context) of caches zeroed past the prefill and rotated
         self.captures = 0
 
-    def step(self, context: StaticInferenceContext, ids_b1: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits ``[b, V]`` for the tokens ``ids_b1`` at position ``pos``; advances the context by one."""
+    def step(self, context: StaticInferenceContext, ids_b1: torch.Tensor, pos: int,
+             seeds_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``ids_b1``, the tokens at position ``pos`` (the cache holds ``[0, pos)``); return each
+        row's token for position ``pos + 1``, drawn from its stream ``seeds_b`` at that position, and
+        its log-prob, both ``[b]``. Advances the context by one."""
         memory = context.key_value_memory_dict
         pos_1 = torch.full((1,), pos, dtype=torch.long, device=ids_b1.device)
         freqs_L11d = _rope(self.model, context)
@@ -62,16 +77,17 @@ class DecodeSteps:
             _prepare_cache(self.model, memory, pos, freqs_L11d)
             self._prepared.add(id(context))
         if not self.capture:
-            logits_bV = _decode_body(self.model, memory, ids_b1, pos_1, freqs_L11d)
+            out = _step_body(self.model, self.sample, memory, ids_b1, pos_1, seeds_b, freqs_L11d)
         else:
             graph = self._graphs.get(id(context))
             if graph is None or not graph.matches(memory):
                 self._graphs.pop(id(context), None)  # free the old graph's pool before capturing
-                graph = self._graphs[id(context)] = _Graph(self.model, memory, ids_b1, pos_1, freqs_L11d)
+                graph = self._graphs[id(context)] = _Graph(self.model, self.sample, memory, ids_b1, pos_1, seeds_b,
+                                                           freqs_L11d)
                 self.captures += 1
-            logits_bV = graph.replay(ids_b1, pos_1)
+            out = graph.replay(ids_b1, pos_1, seeds_b)
         context.increment_sequence_len_offset(1)
-        return logits_bV
+        return out
 
     def release(self, context: StaticInferenceContext) -> None:
         self._graphs.pop(id(context), None)
@@ -98,6 +114,12 @@ def _prepare_cache(model, memory: dict, pos: int, freqs_L11d: torch.Tensor) -> N
 def _rotate(model, x_sbhd: torch.Tensor, freqs_s11d: torch.Tensor) -> torch.Tensor:
     cp_group = getattr(getattr(model.decoder.layers[0].self_attention, "pg_collection", None), "cp", None)
     return apply_rotary_pos_emb(x_sbhd, freqs_s11d, config=model.config, cp_group=cp_group)
+
+
+def _step_body(model, sample: Sampler, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor,
+               seeds_b: torch.Tensor, freqs_L11d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits_bV = _decode_body(model, memory, ids_b1, pos_1, freqs_L11d)
+    return sample(logits_bV, seeds_b, (pos_1 + 1).expand(seeds_b.shape[0]))
 
 
 def _decode_body(model, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor,
@@ -147,28 +169,32 @@ def _attend(query_bnd: torch.Tensor, keys_Lbgd: torch.Tensor, value_Lbgd: torch.
 
 
 class _Graph:
-    """One captured step: static input buffers, the graph, and its output buffer."""
+    """One captured step: static input buffers, the graph, and its output buffers."""
 
-    def __init__(self, model, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor, freqs_L11d: torch.Tensor):
+    def __init__(self, model, sample: Sampler, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor,
+                 seeds_b: torch.Tensor, freqs_L11d: torch.Tensor):
         self.buffers = {layer: key.data_ptr() for layer, (key, _) in memory.items()}
-        self.ids_b1, self.pos_1, self.freqs_L11d = ids_b1.clone(), pos_1.clone(), freqs_L11d
+        self.ids_b1, self.pos_1, self.seeds_b = ids_b1.clone(), pos_1.clone(), seeds_b.clone()
+        args = (model, sample, memory, self.ids_b1, self.pos_1, self.seeds_b, freqs_L11d)
         # Warm-up on a side stream (allocator, lazy init), then capture. Both write this step's K/V at
         # pos, the same values the replay writes, so running the body three times changes nothing.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                _decode_body(model, memory, self.ids_b1, self.pos_1, self.freqs_L11d)
+                _step_body(*args)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits_bV = _decode_body(model, memory, self.ids_b1, self.pos_1, self.freqs_L11d)
+            self.tokens_b, self.lp_b = _step_body(*args)
 
     def matches(self, memory: dict) -> bool:
         return all(memory[layer][0].data_ptr() == ptr for layer, ptr in self.buffers.items())
 
-    def replay(self, ids_b1: torch.Tensor, pos_1: torch.Tensor) -> torch.Tensor:
+    def replay(self, ids_b1: torch.Tensor, pos_1: torch.Tensor,
+               seeds_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.ids_b1.copy_(ids_b1)
         self.pos_1.copy_(pos_1)
+        self.seeds_b.copy_(seeds_b)
         self.graph.replay()
-        return self.logits_bV.clone()  # the next replay overwrites the output buffer
+        return self.tokens_b.clone(), self.lp_b.clone()  # the next replay overwrites the output buffers

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import torch
 
 from rlad_megatron.distributed.groups import ParallelGroups
-from rlad_megatron.rl.graphed_decode import DecodeSteps, check_supported
+from rlad_megatron.rl.graphed_decode import DecodeSteps, Sampler, check_supported
 from rlad_megatron.rl.rollout_pool import PoolStats, RowPool
-from rlad_megatron.rl.sampling import validate_sampling_args
+from rlad_megatron.rl.sampling import make_sampler, validate_sampling_args
 
 _MASK64 = (1 << 64) - 1
 
@@ -145,14 +145,14 @@ def generate(*, model: torch.nn.Module, groups: ParallelGroups, prompts: list[li
                          f"got one on {generator.device.type}")
     seeds_B = _row_seeds_tensor(row_seeds, rows=len(prompts), generator=generator, device=device,
                                 greedy=temperature == 0.0)
-    decode_steps = _decode_steps(model, groups, device) if cuda_graphs and use_kv_cache else None
+    sample = make_sampler(vocab_size=vocab_size, temperature=temperature, top_p=top_p)
+    decode_steps = _decode_steps(model, groups, device, sample) if cuda_graphs and use_kv_cache else None
     was_training = model.training
     model.eval()
     try:
         pool = RowPool(model=model, groups=groups, prompts=prompts, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
-                       seeds_B=seeds_B, use_kv_cache=use_kv_cache, max_rows=max_rows or len(prompts),
-                       device=device, decode_steps=decode_steps)
+                       sample=sample, eos_id=eos_id, pad_id=pad_id, seeds_B=seeds_B, use_kv_cache=use_kv_cache,
+                       max_rows=max_rows or len(prompts), device=device, decode_steps=decode_steps)
         stats = pool.run()
     finally:
         if groups.pp_size > 1:
@@ -161,7 +161,7 @@ def generate(*, model: torch.nn.Module, groups: ParallelGroups, prompts: list[li
     return _batch(pool, stats)
 
 
-def _decode_steps(model, groups: ParallelGroups, device: torch.device) -> DecodeSteps | None:
+def _decode_steps(model, groups: ParallelGroups, device: torch.device, sample: Sampler) -> DecodeSteps | None:
     reason = check_supported(model, groups)
     if reason is not None:
         warnings.warn(f"cuda_graphs: ignored for this model ({reason}); decoding with megatron's step", stacklevel=3)
@@ -169,7 +169,7 @@ def _decode_steps(model, groups: ParallelGroups, device: torch.device) -> Decode
     if device.type != "cuda":
         warnings.warn(f"cuda_graphs: the model is on {device.type}, not CUDA; the fixed-shape decode step "
                       "runs eagerly", stacklevel=3)
-    return DecodeSteps(model, capture=device.type == "cuda")
+    return DecodeSteps(model, capture=device.type == "cuda", sample=sample)
 
 
 def _row_seeds_tensor(row_seeds, *, rows: int, generator: torch.Generator | None, device: torch.device,

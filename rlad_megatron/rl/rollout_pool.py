@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from rlad_megatron.rl.graphed_decode import DecodeSteps
+from rlad_megatron.rl.graphed_decode import DecodeSteps, Sampler
 from rlad_megatron.rl.rollout_stage import PipelineStage
-from rlad_megatron.rl.sampling import sample_tokens_seeded, token_logprobs
 
 # Without waiting rows, drop finished rows from a cohort's cache when at most this fraction is live.
 _COMPACT_WHEN_LIVE_FRACTION = 0.75
@@ -63,12 +62,11 @@ class PoolStats:
 class RowPool:
     """One generate() call: the token buffers, the cohorts and the step loop."""
 
-    def __init__(self, *, model, groups, prompts, max_new_tokens, temperature, top_p, eos_id, pad_id, vocab_size,
+    def __init__(self, *, model, groups, prompts, max_new_tokens, sample: Sampler, eos_id, pad_id,
                  seeds_B: torch.Tensor, use_kv_cache: bool, max_rows: int, device,
                  decode_steps: DecodeSteps | None = None):
         self.device, self.use_kv_cache = device, use_kv_cache
-        self.n_new, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.eos_id, self.vocab_size, self.seeds_B = eos_id, vocab_size, seeds_B
+        self.n_new, self.sample, self.eos_id, self.seeds_B = max_new_tokens, sample, eos_id, seeds_B
         rows = len(prompts)
         self.max_rows = min(max_rows, rows)
         self.min_cohort = max(1, int(self.max_rows * _MIN_COHORT_FRACTION))
@@ -124,32 +122,31 @@ class RowPool:
         # Feed positions [start, pos) of the cohort's rows; the last logits predict position `pos`.
         first = c.start if c.context is not None else 0
         ids_bS = self.tokens_BL[c.rows_b, first:c.pos]
+        sampling_b = (self.prompt_len_B[c.rows_b] <= c.pos) & ~self.done_B[c.rows_b]
+        rows_a = c.rows_b[sampling_b]
         if self.decode_steps is not None and c.context.is_decode_only():
-            logits_bV = self.decode_steps.step(c.context, ids_bS, first)
+            # Samples every cohort row inside the step (its graph); only the sampling rows are kept.
+            tokens_b, lp_b = self.decode_steps.step(c.context, ids_bS, first, self.seeds_B[c.rows_b])
+            sampled = (tokens_b[sampling_b], lp_b[sampling_b])
             self.stats.fixed_shape_steps += 1
             # The fixed-shape step reads every slot of the cache, masked or not.
             self.stats.kv_row_positions += c.rows_b.numel() * c.context.max_sequence_length
         else:
             logits_bV = self.pipe.forward(ids_bS, first, c.context)
+            sampled = (self.sample(logits_bV[sampling_b], self.seeds_B[rows_a], torch.full_like(rows_a, c.pos))
+                       if logits_bV is not None and rows_a.numel() else (None, None))
             if c.context is not None:
                 self.stats.kv_row_positions += c.rows_b.numel() * c.pos
         self.stats.forward_calls += 1
-        sampling_b = (self.prompt_len_B[c.rows_b] <= c.pos) & ~self.done_B[c.rows_b]
-        rows_a = c.rows_b[sampling_b]
         if rows_a.numel():
-            self._sample(rows_a, c.pos, logits_bV[sampling_b] if logits_bV is not None else None)
+            self._record(rows_a, c.pos, *sampled)
         c.start, c.pos = c.pos, c.pos + 1
         if c.context is not None and bool((self.prompt_len_B[c.rows_b] <= c.pos).all()):
             c.context.enable_decode_mode()
 
-    def _sample(self, rows_a: torch.Tensor, pos: int, logits_aV: torch.Tensor | None) -> None:
-        if logits_aV is not None:
-            tokens_a = sample_tokens_seeded(logits_aV, vocab_size=self.vocab_size, temperature=self.temperature,
-                                            top_p=self.top_p, seeds_B=self.seeds_B[rows_a],
-                                            positions_B=torch.full_like(rows_a, pos))
-            lp_a = token_logprobs(logits_aV, tokens_a, vocab_size=self.vocab_size)
-        else:
-            tokens_a = lp_a = None
+    def _record(self, rows_a: torch.Tensor, pos: int, tokens_a: torch.Tensor | None,
+                lp_a: torch.Tensor | None) -> None:
+        """Store the sampled tokens (None off the last pipeline stage: received from it) and stop rows."""
         tokens_a, lp_a = self.pipe.share(tokens_a, lp_a, rows_a.numel())
         self.tokens_BL[rows_a, pos] = tokens_a
         self.logprobs_BL[rows_a, pos] = lp_a

@@ -71,6 +71,21 @@ def sample_tokens_seeded(logits_BV: torch.Tensor, *, vocab_size: int, temperatur
     return tokens_B.clamp(max=logits_BVt.shape[-1] - 1)
 
 
+def make_sampler(*, vocab_size: int, temperature: float, top_p: float):
+    """One rollout's sampler, ``sample(logits_BV, seeds_B, positions_B) -> (tokens_B, lp_B)``: the
+    tokens of :func:`sample_tokens_seeded` and their :func:`token_logprobs`. Fixed shapes and no host
+    synchronisation, so the graphed decode step captures it; the row pool's eager steps call it too.
+    The settings are checked by the caller (``rollout.generate``: ``validate_sampling_args``)."""
+
+    def sample(logits_BV: torch.Tensor, seeds_B: torch.Tensor,
+               positions_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens_B = sample_tokens_seeded(logits_BV, vocab_size=vocab_size, temperature=temperature, top_p=top_p,
+                                        seeds_B=seeds_B, positions_B=positions_B)
+        return tokens_B, token_logprobs(logits_BV, tokens_B, vocab_size=vocab_size)
+
+    return sample
+
+
 _MASK32 = 0xFFFFFFFF
 
 

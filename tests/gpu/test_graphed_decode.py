@@ -1,7 +1,7 @@
 """Graphed decode on CUDA (generate(cuda_graphs=True)) gives megatron's eager tokens; skipped without CUDA.
 
-float32, so the captured fixed-shape step and megatron's step agree to rounding: tokens equal,
-log-probs close, for one batch and for the row pool, greedy and sampled.
+float32, so the captured fixed-shape step (sampling included) and megatron's step agree to rounding:
+tokens equal, log-probs close, for one batch and for the row pool, greedy, sampled and top-p.
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ def test_graphed_decode_matches_eager_on_cuda():
         prompts = [torch.randint(1, 250, (int(n),), generator=gen).tolist() for n in (2, 6, 3, 5)]
         rows = repeat_prompts(prompts, group_size=4)
         seeds = rollout_row_seeds(seed=1, step=0, prompt_indices=range(4), group_size=4)
-        base = dict(model=model, groups=groups, prompts=rows, max_new_tokens=24, top_p=1.0, pad_id=0,
+        base = dict(model=model, groups=groups, prompts=rows, max_new_tokens=24, pad_id=0,
                     vocab_size=250, generator=None, row_seeds=seeds)
-        for temperature in (0.0, 1.0):
-            free = generate(temperature=temperature, eos_id=None, **base)
+        # Sampling runs inside the graph: greedy, the seeded inverse CDF, and top-p's sort.
+        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (1.0, 0.9)):
+            free = generate(temperature=temperature, top_p=top_p, eos_id=None, **base)
             eos = int(torch.bincount(torch.cat([torch.tensor(r) for r in free.responses()])).argmax())
             for max_rows in (None, 4):
-                kw = dict(base, temperature=temperature, eos_id=eos, max_rows=max_rows)
+                kw = dict(base, temperature=temperature, top_p=top_p, eos_id=eos, max_rows=max_rows)
                 eager = generate(**kw)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
