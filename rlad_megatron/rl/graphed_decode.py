@@ -135,9 +135,12 @@ def _decode_body(model, memory: dict, ids_b1: torch.Tensor, pos_1: torch.Tensor,
         residual_1bH = hidden_1bH
         query_1bnd, key_1bgd, value_1bgd = attn.get_query_key_value_tensors(layer.input_layernorm(hidden_1bH), None)
         key_Lbgd, value_Lbgd = memory[layer.layer_number]
-        key_Lbgd.index_copy_(0, pos_1, _rotate(model, key_1bgd, freqs_q_111d))
+        # One rotation for the query and the new key (same position): half the elementwise kernels.
+        heads = query_1bnd.shape[2]
+        rotated_1bhd = _rotate(model, torch.cat([query_1bnd, key_1bgd], dim=2), freqs_q_111d)
+        query_1bnd = rotated_1bhd[:, :, :heads]
+        key_Lbgd.index_copy_(0, pos_1, rotated_1bhd[:, :, heads:])
         value_Lbgd.index_copy_(0, pos_1, value_1bgd)
-        query_1bnd = _rotate(model, query_1bnd, freqs_q_111d)
         ctx_1bD = _attend(query_1bnd[0], key_Lbgd, value_Lbgd, attend_111L,
                           scale=getattr(attn.core_attention, "softmax_scale", None) or config.softmax_scale)
         out_1bH, bias = attn.linear_proj(ctx_1bD)

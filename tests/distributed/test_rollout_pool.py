@@ -168,10 +168,10 @@ def _run_rotations(rank, world_size, prompts, seed):
 
 def test_fixed_shape_step_rotates_each_key_once():
     """The fixed-shape step caches rotated keys: per step it rotates only the new key and query (one
-    slot each), and each cohort's prefill keys are rotated once per layer when it enters decode, so
+    slot, in one call), and each cohort's prefill keys are rotated once per layer when it enters decode, so
     a step reads the cache instead of re-rotating the whole prefix as megatron's step does."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
     for max_rows, (slots, cohorts, steps) in run_distributed(_run_rotations, 1, args=(_prompts(seed), seed))[0].items():
         prefill = [s for s in slots if s > 1]
         assert len(prefill) == NUM_LAYERS * cohorts, (max_rows, prefill, cohorts)
-        assert slots.count(1) == 2 * NUM_LAYERS * steps, (max_rows, len(slots), steps)
+        assert slots.count(1) == NUM_LAYERS * steps, (max_rows, len(slots), steps)  # query and key together
