@@ -59,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="0: greedy; > 0 samples (row seeds 0..batch-1, so every variant draws the same streams)")
     p.add_argument("--mismatch", action="store_true", help="report the sampler / training-forward log-prob gap")
     p.add_argument("--reps", type=int, default=1, help="timed runs per variant, interleaved; the median is shown")
+    p.add_argument("--profile", type=int, default=0, metavar="TOKENS",
+                   help="also profile each one-batch variant for TOKENS new tokens (torch.profiler): one line each "
+                        "with CPU and GPU time and kernels per decode step")
+    p.add_argument("--profile-out", default=None, help="write the profiles' top-op tables to this file")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: torch default)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -190,6 +194,29 @@ def mismatch(model, groups, prompts, args, **kw) -> dict[str, float]:
     return logprob_mismatch(batch.logprobs_BL, lp_BL, batch.response_mask_BL)
 
 
+def profile_variant(model, groups, prompts, args, name: str, kw: dict) -> tuple[str, str]:
+    """(summary line, top-op table) of one short generate() call under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = next(model.parameters()).is_cuda
+    short = argparse.Namespace(**{**vars(args), "new_tokens": args.profile, "long_tail": False})
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        batch, wall = timed_generate(model, groups, prompts, short, **kw)
+    events = prof.key_averages()
+    cpu_s = sum(e.self_cpu_time_total for e in events) / 1e6
+    device_s = sum(e.self_device_time_total for e in events) / 1e6
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    steps = batch.stats.loop_steps
+    line = (f"profile ({name}, {args.profile} new tokens, {steps} loop steps): wall {1e3 * wall / steps:.2f} ms/step, "
+            f"CPU {1e3 * cpu_s / steps:.2f} ms/step")
+    if cuda:
+        line += f", GPU {1e3 * device_s / steps:.2f} ms/step, {kernels / steps:.0f} kernels/step"
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=15)
+    return line, f"## {name}\n{line}\n{table}\n"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -224,6 +251,8 @@ def main(argv=None) -> None:
     bandwidth = copy_bandwidth(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes = kv_bytes_per_row_position(model)
+    profiles = [profile_variant(model, groups, prompts, args, name, kw) for name, kw in variants
+                if args.profile and "pool" not in name and "recompute" not in name]
     bias["on"] = False  # the mismatch compares the model's own log-probs
     gaps = [(name, mismatch(model, groups, prompts, args, **kw)) for name, kw in variants
             if args.mismatch and "pool" not in name and "recompute" not in name]
@@ -256,6 +285,11 @@ def main(argv=None) -> None:
         print(f"| {name} | {wall:.2f} | {new_tokens / wall:.0f} | {s.loop_steps} | {s.forward_calls} | "
               f"{1e3 * wall / s.loop_steps:.2f} | {1e3 * wall / s.forward_calls:.2f} | {roofline_s / wall:.1%} | "
               f"{'yes' if same else 'no'} |")
+    for line, _ in profiles:
+        print(line)
+    if args.profile_out and profiles:
+        with open(args.profile_out, "w", encoding="utf-8") as f:
+            f.write("".join(table for _, table in profiles))
     for name, gap in gaps:
         print(f"log-prob mismatch ({name}, temperature 1, {args.dtype}): "
               + ", ".join(f"{k} = {v:.3g}" for k, v in gap.items()))

@@ -6,7 +6,8 @@
 # 1. tests/gpu/test_graphed_decode.py: captured decode == megatron's eager decode (float32 tokens).
 # 2. The 853M / 64-row benchmark (BENCHMARKS.md), bf16: one batch vs pool (16 rows), eager vs
 #    graphed, new tokens/s, ms per decode step, roofline fraction, and the bf16 log-prob mismatch
-#    of the sampler vs a training forward (eager and graphed).
+#    of the sampler vs a training forward (eager and graphed); a torch.profiler line per one-batch
+#    variant (CPU and GPU ms and kernels per decode step), the top ops in $OUT/bench_853m_profile.txt.
 # 3. The same model with lognormal EOS lengths (--long-tail): decode steps and time, pool vs one batch,
 #    sampled at temperature 1 (the seeded sampler inside the graph; the countdown bias fixes the tokens).
 # 4. Issue 12: a ~0.8B teacher (the 853M shape) beside a small student on one GPU, bf16: the teacher
@@ -40,7 +41,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 step graphed_test 120 $PY -m pytest -q -x tests/gpu/test_graphed_decode.py
 # shellcheck disable=SC2086
 step bench_853m 210 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-rows 16 --prompt-len 128 \
-  --new-tokens 256 --mismatch
+  --new-tokens 256 --mismatch --profile 16 --profile-out "$OUT/bench_853m_profile.txt"
 # shellcheck disable=SC2086
 step bench_853m_long_tail 150 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-rows 16 --prompt-len 128 \
   --new-tokens 256 --long-tail --temperature 1
