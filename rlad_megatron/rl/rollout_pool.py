@@ -92,15 +92,16 @@ class RowPool:
             self.stats.loop_steps += 1
             for cohort in cohorts:
                 self._step(cohort)
-            finished = [c for c in cohorts if bool(self.done_B[c.rows_b].all())]
-            for cohort in finished:
-                if self.decode_steps is not None and cohort.context is not None:
-                    self.decode_steps.release(cohort.context)
-            cohorts = [c for c in cohorts if c not in finished]  # identity (eq=False)
-            for cohort in cohorts:
-                live_b = ~self.done_B[cohort.rows_b]
-                if waiting or live_b.sum() <= _COMPACT_WHEN_LIVE_FRACTION * cohort.rows_b.numel():
-                    self._compact(cohort, live_b)
+            # One host sync per cohort and step decides finishing and compaction (each sync stalls the
+            # CPU until the GPU has drained, so the loop keeps them few).
+            live = [int((~self.done_B[c.rows_b]).sum()) for c in cohorts]
+            for cohort, n_live in zip(cohorts, live):
+                if n_live == 0:
+                    if self.decode_steps is not None and cohort.context is not None:
+                        self.decode_steps.release(cohort.context)
+                elif waiting or n_live <= _COMPACT_WHEN_LIVE_FRACTION * cohort.rows_b.numel():
+                    self._compact(cohort, n_live)
+            cohorts = [c for c, n_live in zip(cohorts, live) if n_live]
         if self.decode_steps is not None:
             self.stats.graph_captures = self.decode_steps.captures
         return self.stats
@@ -123,17 +124,18 @@ class RowPool:
         first = c.start if c.context is not None else 0
         ids_bS = self.tokens_BL[c.rows_b, first:c.pos]
         sampling_b = (self.prompt_len_B[c.rows_b] <= c.pos) & ~self.done_B[c.rows_b]
-        rows_a = c.rows_b[sampling_b]
+        index_a = sampling_b.nonzero().squeeze(-1)  # the step's other host sync; int indexing below has none
+        rows_a = c.rows_b[index_a]
         if self.decode_steps is not None and c.context.is_decode_only():
             # Samples every cohort row inside the step (its graph); only the sampling rows are kept.
             tokens_b, lp_b = self.decode_steps.step(c.context, ids_bS, first, self.seeds_B[c.rows_b])
-            sampled = (tokens_b[sampling_b], lp_b[sampling_b])
+            sampled = (tokens_b[index_a], lp_b[index_a])
             self.stats.fixed_shape_steps += 1
             # The fixed-shape step reads every slot of the cache, masked or not.
             self.stats.kv_row_positions += c.rows_b.numel() * c.context.max_sequence_length
         else:
             logits_bV = self.pipe.forward(ids_bS, first, c.context)
-            sampled = (self.sample(logits_bV[sampling_b], self.seeds_B[rows_a], torch.full_like(rows_a, c.pos))
+            sampled = (self.sample(logits_bV[index_a], self.seeds_B[rows_a], torch.full_like(rows_a, c.pos))
                        if logits_bV is not None and rows_a.numel() else (None, None))
             if c.context is not None:
                 self.stats.kv_row_positions += c.rows_b.numel() * c.pos
@@ -141,7 +143,8 @@ class RowPool:
         if rows_a.numel():
             self._record(rows_a, c.pos, *sampled)
         c.start, c.pos = c.pos, c.pos + 1
-        if c.context is not None and bool((self.prompt_len_B[c.rows_b] <= c.pos).all()):
+        if (c.context is not None and not c.context.is_decode_only()
+                and bool((self.prompt_len_B[c.rows_b] <= c.pos).all())):
             c.context.enable_decode_mode()
 
     def _record(self, rows_a: torch.Tensor, pos: int, tokens_a: torch.Tensor | None,
@@ -155,17 +158,17 @@ class RowPool:
         self.eos_B[rows_a] = hit_eos_a
         self.done_B[rows_a] = hit_eos_a | (self.response_len_B[rows_a] >= self.n_new)
 
-    def _compact(self, c: _Cohort, live_b: torch.Tensor) -> None:
-        if bool(live_b.all()):
+    def _compact(self, c: _Cohort, n_live: int) -> None:
+        if n_live == c.rows_b.numel():
             return
+        live_b = ~self.done_B[c.rows_b]
         if self.decode_steps is not None:
             # Graphs are captured per batch size: shrink only to power-of-two buckets, padding with
             # finished rows (computed, never sampled), so a cohort is captured at most log2(b) + 1 times.
-            bucket = 1 << (int(live_b.sum()) - 1).bit_length()
+            bucket = 1 << (n_live - 1).bit_length()
             if bucket >= c.rows_b.numel():
                 return
-            live_b = live_b.clone()
-            live_b[(~live_b).nonzero().squeeze(-1)[:bucket - int(live_b.sum())]] = True
+            live_b[(~live_b).nonzero().squeeze(-1)[:bucket - n_live]] = True
         keep_b = live_b.nonzero().squeeze(-1)
         if c.context is not None:
             memory = c.context.key_value_memory_dict
