@@ -62,7 +62,8 @@ class DecodeSteps:
     def __init__(self, model, *, capture: bool, sample: Sampler):
         self.model, self.capture, self.sample = model, capture, sample
         self._graphs: dict[int, _Graph] = {}  # id(context) -> the graph of its current buffers
-        self._prepared: set[int] = set()  # id(context) of caches zeroed past the prefill and rotated
+        # id(context) -> its RoPE frequencies, once its cache is zeroed past the prefill and rotated.
+        self._freqs: dict[int, torch.Tensor] = {}
         self.captures = 0
 
     def step(self, context: StaticInferenceContext, ids_b1: torch.Tensor, pos: int,
@@ -72,10 +73,10 @@ class DecodeSteps:
         its log-prob, both ``[b]``. Advances the context by one."""
         memory = context.key_value_memory_dict
         pos_1 = torch.full((1,), pos, dtype=torch.long, device=ids_b1.device)
-        freqs_L11d = _rope(self.model, context)
-        if id(context) not in self._prepared:
+        freqs_L11d = self._freqs.get(id(context))
+        if freqs_L11d is None:
+            freqs_L11d = self._freqs[id(context)] = _rope(self.model, context)
             _prepare_cache(self.model, memory, pos, freqs_L11d)
-            self._prepared.add(id(context))
         if not self.capture:
             out = _step_body(self.model, self.sample, memory, ids_b1, pos_1, seeds_b, freqs_L11d)
         else:
@@ -91,7 +92,7 @@ class DecodeSteps:
 
     def release(self, context: StaticInferenceContext) -> None:
         self._graphs.pop(id(context), None)
-        self._prepared.discard(id(context))
+        self._freqs.pop(id(context), None)
 
 
 def _rope(model, context: StaticInferenceContext) -> torch.Tensor:
