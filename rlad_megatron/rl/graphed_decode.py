@@ -189,7 +189,9 @@ class _Graph:
                 _step_body(*args)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local, as megatron's own graph capture: other threads' CUDA calls (the NCCL watchdog's
+        # event queries) must not invalidate this thread's capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.tokens_b, self.lp_b = _step_body(*args)
 
     def matches(self, memory: dict) -> bool:
