@@ -16,6 +16,10 @@ logit bias makes row i emit a countdown from its target length to EOS, so respon
 a lognormal distribution (median ``--new-tokens / 8``, sigma ``--tail-sigma``, clipped to
 [1, --new-tokens]): the case where a few long rows hold a whole batch.
 
+``graphs (capture s)``: CUDA graphs captured in the timed call and the wall time of the steps that
+captured them (a warm-up step, the capture, the first replay; inside ``wall s``): graphs live with
+a cohort's KV buffers, so every call captures again, once per cohort and batch bucket.
+
 Roofline: the bytes a step must read at least (this rank's weights, plus every cached K/V entry
 it attends over) divided by the device copy bandwidth measured here (a large tensor copy, read +
 write), over the measured time. ``--mismatch`` samples at temperature 1 and reports
@@ -273,8 +277,8 @@ def main(argv=None) -> None:
           f"K/V {kv_bytes} B per row-position")
     print(f"wall s: median of {args.reps} interleaved run(s)")
     print("| variant | wall s | new tokens/s | decode steps | forwards | ms/step | ms/forward | roofline | "
-          "same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "graphs (capture s) | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, batch, wall in results:
         s = batch.stats
         new_tokens = int(batch.response_lengths_B.sum())
@@ -284,6 +288,7 @@ def main(argv=None) -> None:
                 and bool((batch.tokens_BL == ref.tokens_BL).all(dim=1).float().mean() == 1))
         print(f"| {name} | {wall:.2f} | {new_tokens / wall:.0f} | {s.loop_steps} | {s.forward_calls} | "
               f"{1e3 * wall / s.loop_steps:.2f} | {1e3 * wall / s.forward_calls:.2f} | {roofline_s / wall:.1%} | "
+              f"{f'{s.graph_captures} ({s.graph_capture_s:.2f})' if s.graph_captures else '-'} | "
               f"{'yes' if same else 'no'} |")
     for line, _ in profiles:
         print(line)

@@ -27,6 +27,7 @@ attention output gate, no MoE; :func:`check_supported` says why otherwise.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -65,6 +66,7 @@ class DecodeSteps:
         # id(context) -> its RoPE frequencies, once its cache is zeroed past the prefill and rotated.
         self._freqs: dict[int, torch.Tensor] = {}
         self.captures = 0
+        self.capture_s = 0.0  # wall time of the steps that captured (warm-up, capture and first replay)
 
     def step(self, context: StaticInferenceContext, ids_b1: torch.Tensor, pos: int,
              seeds_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +85,16 @@ class DecodeSteps:
             graph = self._graphs.get(id(context))
             if graph is None or not graph.matches(memory):
                 self._graphs.pop(id(context), None)  # free the old graph's pool before capturing
+                torch.cuda.synchronize()
+                start = time.perf_counter()
                 graph = self._graphs[id(context)] = _Graph(self.model, self.sample, memory, ids_b1, pos_1, seeds_b,
                                                            freqs_L11d)
+                out = graph.replay(ids_b1, pos_1, seeds_b)
+                torch.cuda.synchronize()
+                self.capture_s += time.perf_counter() - start
                 self.captures += 1
-            out = graph.replay(ids_b1, pos_1, seeds_b)
+            else:
+                out = graph.replay(ids_b1, pos_1, seeds_b)
         context.increment_sequence_len_offset(1)
         return out
 
@@ -180,13 +188,14 @@ class _Graph:
         self.buffers = {layer: key.data_ptr() for layer, (key, _) in memory.items()}
         self.ids_b1, self.pos_1, self.seeds_b = ids_b1.clone(), pos_1.clone(), seeds_b.clone()
         args = (model, sample, memory, self.ids_b1, self.pos_1, self.seeds_b, freqs_L11d)
-        # Warm-up on a side stream (allocator, lazy init), then capture. Both write this step's K/V at
-        # pos, the same values the replay writes, so running the body three times changes nothing.
+        # One warm-up on a side stream (allocator growth, lazy initialisation), then capture. Both write
+        # this step's K/V at pos, the same values the replay writes, so the extra run changes nothing.
+        # One, not torch's usual three: a generate() call captures once per cohort and bucket (the
+        # graphs live with the cohort's KV buffers), so each warm-up is an eager step per capture.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                _step_body(*args)
+            _step_body(*args)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local, as megatron's own graph capture: other threads' CUDA calls (the NCCL watchdog's

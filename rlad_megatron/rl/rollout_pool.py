@@ -57,6 +57,7 @@ class PoolStats:
     kv_row_positions: int = 0
     fixed_shape_steps: int = 0  # decode steps run by graphed_decode.DecodeSteps
     graph_captures: int = 0  # CUDA graphs captured for them (0 on CPU: the steps run eagerly)
+    graph_capture_s: float = 0.0  # wall time of the capturing steps (graphed_decode.DecodeSteps.capture_s)
 
 
 class RowPool:
@@ -104,6 +105,7 @@ class RowPool:
             cohorts = [c for c, n_live in zip(cohorts, live) if n_live]
         if self.decode_steps is not None:
             self.stats.graph_captures = self.decode_steps.captures
+            self.stats.graph_capture_s = self.decode_steps.capture_s
         return self.stats
 
     def _admit(self, waiting: deque, cohorts: list[_Cohort]) -> None:

@@ -51,6 +51,7 @@ def test_graphed_decode_matches_eager_on_cuda():
                     graphed = generate(cuda_graphs=True, **kw)
                 assert not [w for w in caught if "cuda_graphs" in str(w.message)], "fell back to eager on CUDA"
                 assert graphed.stats.graph_captures > 0 and graphed.stats.fixed_shape_steps > 0
+                assert graphed.stats.graph_capture_s > 0
                 torch.testing.assert_close(graphed.tokens_BL, eager.tokens_BL, rtol=0, atol=0)
                 torch.testing.assert_close(graphed.logprobs_BL, eager.logprobs_BL, rtol=1e-4, atol=1e-4)
     finally:
