@@ -2,6 +2,7 @@
 # Every GPU measurement of issues 14 and 12 in one run (< 8 minutes on one H100/H200), numbers in one file.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh            # writes $OUT/gpu_suite.txt
+#   PY="python benchmarks/gpu_suite_dry_run.py" OUT=/tmp/dry bash benchmarks/gpu_suite.sh   # CPU: parse every step
 #
 # 1. tests/gpu/test_graphed_decode.py: captured decode == megatron's eager decode (float32 tokens).
 # 2. The 853M / 64-row benchmark (BENCHMARKS.md), bf16: one batch vs pool (16 rows), eager vs
