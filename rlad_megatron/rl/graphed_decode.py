@@ -187,6 +187,7 @@ class _Graph:
                  seeds_b: torch.Tensor, freqs_L11d: torch.Tensor):
         self.buffers = {layer: key.data_ptr() for layer, (key, _) in memory.items()}
         self.ids_b1, self.pos_1, self.seeds_b = ids_b1.clone(), pos_1.clone(), seeds_b.clone()
+        self.freqs_L11d = freqs_L11d  # read by every replay: held as long as the graph
         args = (model, sample, memory, self.ids_b1, self.pos_1, self.seeds_b, freqs_L11d)
         # One warm-up on a side stream (allocator growth, lazy initialisation), then capture. Both write
         # this step's K/V at pos, the same values the replay writes, so the extra run changes nothing.
