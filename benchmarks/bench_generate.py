@@ -211,11 +211,15 @@ def profile_variant(model, groups, prompts, args, name: str, kw: dict) -> tuple[
     cpu_s = sum(e.self_cpu_time_total for e in events) / 1e6
     device_s = sum(e.self_device_time_total for e in events) / 1e6
     kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    steps = batch.stats.loop_steps
+    s = batch.stats
+    steps = s.loop_steps
     line = (f"profile ({name}, {args.profile} new tokens, {steps} loop steps): wall {1e3 * wall / steps:.2f} ms/step, "
             f"CPU {1e3 * cpu_s / steps:.2f} ms/step")
     if cuda:
         line += f", GPU {1e3 * device_s / steps:.2f} ms/step, {kernels / steps:.0f} kernels/step"
+    if s.graph_captures:  # the capturing steps run eagerly and capture: their CPU time is in the totals
+        line += (f"; {s.graph_captures} capture(s) {s.graph_capture_s:.3f} s, the other steps' wall "
+                 f"{1e3 * (wall - s.graph_capture_s) / max(1, steps - s.graph_captures):.2f} ms/step")
     table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                       row_limit=15)
     return line, f"## {name}\n{line}\n{table}\n"

@@ -42,7 +42,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 step graphed_test 120 $PY -m pytest -q -x tests/gpu/test_graphed_decode.py
 # shellcheck disable=SC2086
 step bench_853m 210 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-rows 16 --prompt-len 128 \
-  --new-tokens 256 --mismatch --profile 16 --profile-out "$OUT/bench_853m_profile.txt"
+  --new-tokens 256 --mismatch --profile 128 --profile-out "$OUT/bench_853m_profile.txt"
 # shellcheck disable=SC2086
 step bench_853m_long_tail 150 $PY benchmarks/bench_generate.py $MODEL --batch 64 --max-rows 16 --prompt-len 128 \
   --new-tokens 256 --long-tail --temperature 1
