@@ -28,11 +28,12 @@ attention output gate, no MoE; :func:`check_supported` says why otherwise.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+from rlad_megatron.rl.sampling import Sampler
 
 
 def check_supported(model, groups) -> str | None:
@@ -45,11 +46,6 @@ def check_supported(model, groups) -> str | None:
     if getattr(config, "attention_output_gate", False) or getattr(config, "num_moe_experts", None):
         return "attention_output_gate or MoE layers"
     return None
-
-
-# (logits [b, V], row seeds [b], positions [b]) -> (tokens [b], their log-probs [b]): the rollout's
-# sampler with its temperature, top-p and vocabulary bound (sampling.make_sampler).
-Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class DecodeSteps:

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import torch
 
 from rlad_megatron.distributed.groups import ParallelGroups
-from rlad_megatron.rl.graphed_decode import DecodeSteps, Sampler, check_supported
+from rlad_megatron.rl.graphed_decode import DecodeSteps, check_supported
 from rlad_megatron.rl.rollout_pool import PoolStats, RowPool
-from rlad_megatron.rl.sampling import make_sampler, validate_sampling_args
+from rlad_megatron.rl.sampling import Sampler, make_sampler, validate_sampling_args
 
 _MASK64 = (1 << 64) - 1
 

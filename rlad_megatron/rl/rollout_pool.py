@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from rlad_megatron.rl.graphed_decode import DecodeSteps, Sampler
+from rlad_megatron.rl.graphed_decode import DecodeSteps
 from rlad_megatron.rl.rollout_stage import PipelineStage
+from rlad_megatron.rl.sampling import Sampler
 
 # Without waiting rows, drop finished rows from a cohort's cache when at most this fraction is live.
 _COMPACT_WHEN_LIVE_FRACTION = 0.75

@@ -20,6 +20,8 @@ log-softmax normaliser: the policy is the distribution over the true vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -71,7 +73,11 @@ def sample_tokens_seeded(logits_BV: torch.Tensor, *, vocab_size: int, temperatur
     return tokens_B.clamp(max=logits_BVt.shape[-1] - 1)
 
 
-def make_sampler(*, vocab_size: int, temperature: float, top_p: float):
+# (logits [B, V], row seeds [B], positions [B]) -> (tokens [B], their log-probs [B]).
+Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_sampler(*, vocab_size: int, temperature: float, top_p: float) -> Sampler:
     """One rollout's sampler, ``sample(logits_BV, seeds_B, positions_B) -> (tokens_B, lp_B)``: the
     tokens of :func:`sample_tokens_seeded` and their :func:`token_logprobs`. Fixed shapes and no host
     synchronisation, so the graphed decode step captures it; the row pool's eager steps call it too.
