@@ -4,6 +4,9 @@
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh            # writes $OUT/gpu_suite.txt
 #   PY="python benchmarks/gpu_suite_dry_run.py" OUT=/tmp/dry bash benchmarks/gpu_suite.sh   # CPU: parse every step
 #
+# On a bare device image (no megatron-core): `bash tools/fetch_device_wheels.sh` here, carry ".whl", and the
+# wheels in .whl/ are installed into /tmp/site first (skipped where megatron.core already imports).
+#
 # 1. tests/gpu/test_graphed_decode.py: captured decode == megatron's eager decode (float32 tokens).
 # 2. The 853M / 64-row benchmark (BENCHMARKS.md), bf16: one batch vs pool (16 rows), eager vs
 #    graphed, new tokens/s, ms per decode step, roofline fraction, and the bf16 log-prob mismatch
@@ -17,16 +20,21 @@
 # Each step has its own timeout and its exit status is recorded; a failed step does not stop the rest.
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
-PY=${PY:-python}
+PY=${PY:-python3}  # on the device image python3 is the interpreter that holds torch
 mkdir -p "$OUT"
 REPORT="$OUT/gpu_suite.txt"
 MODEL="--device cuda --dtype bfloat16 --layers 16 --hidden 2048 --heads 16 --query-groups 4 --ffn 5632 --vocab 32000"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null && ! python3 -c "import megatron.core" 2> /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 {
   echo "# gpu_suite $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-  $PY -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'mcore', m.__version__)" 2>/dev/null
+  $PY -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'mcore', m.__version__)" 2>&1 | tail -n 1
+  [ -f "$OUT/wheels.log" ] && tail -n 3 "$OUT/wheels.log"
 } > "$REPORT"
 
 step() {  # step NAME TIMEOUT_S COMMAND...
