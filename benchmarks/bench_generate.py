@@ -33,6 +33,7 @@ import math
 import platform
 import statistics
 import time
+import traceback
 import warnings
 
 import torch
@@ -225,6 +226,16 @@ def profile_variant(model, groups, prompts, args, name: str, kw: dict) -> tuple[
     return line, f"## {name}\n{line}\n{table}\n"
 
 
+def attempt(failed: dict[str, str], name: str, fn, *args, **kw):
+    """``fn(*args, **kw)``, or None with the error recorded under ``name`` (its traceback on stderr)."""
+    try:
+        return fn(*args, **kw)
+    except Exception as e:  # any failure of one variant is reported, the others still run
+        traceback.print_exc()
+        failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -246,9 +257,13 @@ def main(argv=None) -> None:
     if args.recompute:
         variants.append(("recompute (no cache)", dict(use_kv_cache=False)))
     # Warm-up: allocator growth, lazy initialisation (and one graph capture per bucket size seen here).
+    # A variant that fails here is reported and dropped: a GPU lent for minutes still gets the others' numbers.
     warm = argparse.Namespace(**{**vars(args), "new_tokens": min(4, args.new_tokens), "long_tail": False})
-    for _, kw in variants:
-        timed_generate(model, groups, prompts, warm, **kw)
+    failed: dict[str, str] = {}
+    for name, kw in variants:
+        if attempt(failed, name, timed_generate, model, groups, prompts, warm, **kw) is None and device.type == "cuda":
+            torch.cuda.synchronize()  # an asynchronous CUDA error of the failed variant surfaces here, not later
+    variants = [(name, kw) for name, kw in variants if name not in failed]
     walls: dict[str, list[float]] = {name: [] for name, _ in variants}
     batches = {}
     for _ in range(args.reps):  # interleaved, so load changes on a shared machine hit every variant
@@ -257,15 +272,35 @@ def main(argv=None) -> None:
             walls[name].append(wall)
     results = [(name, batches[name], statistics.median(walls[name])) for name, _ in variants]
     bandwidth = copy_bandwidth(device)
+    if info.rank == 0:  # the table first: a step killed at its timeout later still leaves it in the log
+        print_table(args, model, device, lengths, results, bandwidth)
+    one_batch = [(name, kw) for name, kw in variants if "pool" not in name and "recompute" not in name]
+    profiles = []
+    for name, kw in one_batch if args.profile else ():
+        profile = attempt(failed, f"profile of {name}", profile_variant, model, groups, prompts, args, name, kw)
+        if profile is not None and info.rank == 0:
+            print(profile[0])
+            profiles.append(profile)
+    if args.profile_out and profiles:
+        with open(args.profile_out, "w", encoding="utf-8") as f:
+            f.write("".join(table for _, table in profiles))
+    bias["on"] = False  # the mismatch compares the model's own log-probs
+    for name, kw in one_batch if args.mismatch else ():
+        gap = attempt(failed, f"mismatch of {name}", mismatch, model, groups, prompts, args, **kw)
+        if gap is not None and info.rank == 0:
+            print(f"log-prob mismatch ({name}, temperature 1, {args.dtype}): "
+                  + ", ".join(f"{k} = {v:.3g}" for k, v in gap.items()))
+    if info.rank == 0:
+        for name, error in failed.items():
+            print(f"FAILED {name}: {error}")
+        if not math.isfinite(bandwidth):
+            print("warning: copy bandwidth measurement failed")
+
+
+def print_table(args, model, device, lengths, results, bandwidth: float) -> None:
+    """The model line and one row per variant: tokens/s, ms per step and forward, roofline fraction."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes = kv_bytes_per_row_position(model)
-    profiles = [profile_variant(model, groups, prompts, args, name, kw) for name, kw in variants
-                if args.profile and "pool" not in name and "recompute" not in name]
-    bias["on"] = False  # the mismatch compares the model's own log-probs
-    gaps = [(name, mismatch(model, groups, prompts, args, **kw)) for name, kw in variants
-            if args.mismatch and "pool" not in name and "recompute" not in name]
-    if info.rank != 0:
-        return
     ref = results[0][1]
     print(f"model: {weight_bytes * args.tp / model.config.params_dtype.itemsize / 1e6:.1f}M params, {args.layers} "
           f"layers, hidden {args.hidden}, vocab {args.vocab}; TP={args.tp}; batch {args.batch} x prompt "
@@ -293,18 +328,7 @@ def main(argv=None) -> None:
         print(f"| {name} | {wall:.2f} | {new_tokens / wall:.0f} | {s.loop_steps} | {s.forward_calls} | "
               f"{1e3 * wall / s.loop_steps:.2f} | {1e3 * wall / s.forward_calls:.2f} | {roofline_s / wall:.1%} | "
               f"{f'{s.graph_captures} ({s.graph_capture_s:.2f})' if s.graph_captures else '-'} | "
-              f"{'yes' if same else 'no'} |")
-    for line, _ in profiles:
-        print(line)
-    if args.profile_out and profiles:
-        with open(args.profile_out, "w", encoding="utf-8") as f:
-            f.write("".join(table for _, table in profiles))
-    for name, gap in gaps:
-        print(f"log-prob mismatch ({name}, temperature 1, {args.dtype}): "
-              + ", ".join(f"{k} = {v:.3g}" for k, v in gap.items()))
-    if not math.isfinite(bandwidth):
-        print("warning: copy bandwidth measurement failed")
-
+              f"{'yes' if same else 'no'} |", flush=True)
 
 if __name__ == "__main__":
     main()

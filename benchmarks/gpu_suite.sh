@@ -25,6 +25,8 @@ mkdir -p "$OUT"
 REPORT="$OUT/gpu_suite.txt"
 MODEL="--device cuda --dtype bfloat16 --layers 16 --hidden 2048 --heads 16 --query-groups 4 --ffn 5632 --vocab 32000"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+# A step killed at its timeout (SIGTERM) would lose Python's buffered output to its log file.
+export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null && ! python3 -c "import megatron.core" 2> /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$OUT/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"

@@ -55,3 +55,23 @@ def test_bench_generate_runs_its_cpu_variants(tmp_path):
     assert len(re.findall(r"^profile \(one batch", out, flags=re.M)) == 2 and profile.read_text().count("## ") == 2
     gaps = [float(v) for v in re.findall(r"logprob_mismatch_max = ([0-9.e+-]+)", out)]
     assert len(gaps) == 2 and max(gaps) < 1e-4, out  # float32 on CPU: the sampler equals a training forward
+
+
+def test_bench_generate_reports_a_failing_variant_and_runs_the_others():
+    """A variant that raises (here the fixed-shape step) is reported in one FAILED line; the other
+    variants are still timed, so a first GPU run whose capture breaks still records the eager numbers."""
+    script = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import bench_generate\n"
+        "from rlad_megatron.rl import graphed_decode\n"
+        "def broken(*a, **k): raise RuntimeError('capture broke')\n"
+        "graphed_decode._step_body = broken\n"
+        "bench_generate.main(sys.argv[1:])\n")
+    out = subprocess.run(
+        [sys.executable, "-c", script, "--layers", "1", "--hidden", "32", "--heads", "4", "--query-groups", "2",
+         "--ffn", "64", "--vocab", "64", "--batch", "4", "--prompt-len", "4", "--new-tokens", "6", "--fixed-shape",
+         "--no-pool", "--mismatch", "--threads", "1"],
+        cwd=ROOT, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "FAILED one batch, fixed-shape eager: RuntimeError: capture broke" in out, out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [row.split(" | ")[0][2:] for row in rows] == ["one batch, eager"], out
+    assert "log-prob mismatch (one batch, eager" in out, out
