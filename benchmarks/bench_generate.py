@@ -330,5 +330,6 @@ def print_table(args, model, device, lengths, results, bandwidth: float) -> None
               f"{f'{s.graph_captures} ({s.graph_capture_s:.2f})' if s.graph_captures else '-'} | "
               f"{'yes' if same else 'no'} |", flush=True)
 
+
 if __name__ == "__main__":
     main()

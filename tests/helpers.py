@@ -68,3 +68,19 @@ def rollout_model_section(tp: int, pp: int, *, vocab_size: int, num_layers: int)
                           ffn_hidden_size=128, vocab_size=vocab_size, make_vocab_size_divisible_by=8,
                           init_method_std=0.3),
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+
+
+def spreading_eos(batch) -> int:
+    """The most frequent response token whose first occurrence differs between rows, so that as EOS it
+    stops rows at different lengths (the random seed can make the most frequent one stop every row
+    at the same step); the most frequent token if none does."""
+    import torch
+
+    responses = [list(r) for r in batch.responses()]
+    counts = torch.bincount(torch.cat([torch.tensor(r) for r in responses]))
+    for token in counts.argsort(descending=True).tolist():
+        if counts[token] == 0:
+            break
+        if len({r.index(token) if token in r else len(r) for r in responses}) > 1:
+            return token
+    return int(counts.argmax())

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.harness import run_distributed
-from tests.helpers import rollout_model_section
+from tests.helpers import rollout_model_section, spreading_eos
 
 VOCAB, PAD, NEW, GROUP = 250, 0, 12, 4
 
@@ -89,21 +89,25 @@ def _run(rank, world_size, prompts, seed):
         with _Trace() as trace:
             out = body(model, sample, memory, ids_b1, *args)
         cache_length = next(iter(memory.values()))[0].shape[0]
-        traces[(current, ids_b1.shape[0], cache_length)].append(trace.ops)
+        traces[(current, max_rows, ids_b1.shape[0], cache_length)].append(trace.ops)
         return out
 
-    graphed_decode._step_body = traced
-    try:
-        for current in ("greedy", "sampled"):
-            sampling = dict(temperature=0.0, top_p=1.0) if current == "greedy" else dict(temperature=1.0, top_p=0.9)
+    def gen(**kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "runs eagerly" on CPU
+            return generate(model=model, groups=groups, prompts=rows, max_new_tokens=NEW, pad_id=PAD,
+                            vocab_size=VOCAB, generator=None, row_seeds=seeds, cuda_graphs=True, **kw)
+
+    for current in ("greedy", "sampled"):
+        sampling = dict(temperature=0.0, top_p=1.0) if current == "greedy" else dict(temperature=1.0, top_p=0.9)
+        # An EOS the model emits often: rows finish at different steps and cohorts shrink to smaller buckets.
+        eos_id = spreading_eos(gen(eos_id=None, **sampling))
+        graphed_decode._step_body = traced
+        try:
             for max_rows in (None, len(rows) // 4):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "runs eagerly" on CPU
-                    generate(model=model, groups=groups, prompts=rows, max_new_tokens=NEW, eos_id=3, pad_id=PAD,
-                             vocab_size=VOCAB, generator=None, row_seeds=seeds, max_rows=max_rows,
-                             cuda_graphs=True, **sampling)
-    finally:
-        graphed_decode._step_body = body
+                gen(eos_id=eos_id, max_rows=max_rows, **sampling)
+        finally:
+            graphed_decode._step_body = body
     return dict(traces)
 
 
@@ -121,6 +125,8 @@ def test_fixed_shape_step_replays_one_trace_without_host_syncs():
     traces = run_distributed(_run, 2, args=(prompts, seed))[0]
     assert {key[0] for key in traces} == {"greedy", "sampled"}
     assert any(len(steps) > 1 for steps in traces.values())
+    for mode in ("greedy", "sampled"):  # the one-batch cohort was compacted to a smaller bucket at least once
+        assert len({rows for m, max_rows, rows, _ in traces if m == mode and max_rows is None}) > 1, sorted(traces)
     for key, steps in traces.items():
         first = steps[0]
         assert any("all_gather" in op[0] or "allgather" in op[0] for op in first), f"{key}: no TP logits gather"

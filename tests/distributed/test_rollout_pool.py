@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.harness import run_distributed
-from tests.helpers import rollout_model_section
+from tests.helpers import rollout_model_section, spreading_eos
 
 VOCAB, PAD, NEW, GROUP = 250, 0, 12, 4
 NUM_LAYERS = 2
@@ -26,20 +26,6 @@ NUM_LAYERS = 2
 
 def _section(tp: int, pp: int):
     return rollout_model_section(tp, pp, vocab_size=VOCAB, num_layers=NUM_LAYERS)
-
-
-def _spreading_eos(batch) -> int:
-    """The most frequent response token whose first occurrence differs between rows, so that as EOS it
-    stops rows at different lengths (the random seed can make the most frequent one stop every row
-    at the same step); the most frequent token if none does."""
-    responses = [list(r) for r in batch.responses()]
-    counts = torch.bincount(torch.cat([torch.tensor(r) for r in responses]))
-    for token in counts.argsort(descending=True).tolist():
-        if counts[token] == 0:
-            break
-        if len({r.index(token) if token in r else len(r) for r in responses}) > 1:
-            return token
-    return int(counts.argmax())
 
 
 def _same(a, b, *, lp_tol: float) -> None:
@@ -82,7 +68,7 @@ def _run(rank, world_size, tp, pp, prompts, seed):
     sampling = dict(temperature=1.0, top_p=0.95)
     for name, kw in (("greedy", {}), ("sampled", sampling)):
         # An EOS the model emits often, so rows stop at different lengths and the pool refills.
-        eos_id = _spreading_eos(gen(**kw))
+        eos_id = spreading_eos(gen(**kw))
         one = gen(eos_id=eos_id, **kw)
         pool = gen(eos_id=eos_id, max_rows=budget, **kw)
         _same(pool, one, lp_tol=1e-5)
